@@ -1,0 +1,1 @@
+"""imgpipe: the reusable core of the DVC image-classification pipeline."""

@@ -1,0 +1,173 @@
+"""Finding raw images, telling their class, and decoding them into uint8 pixel arrays."""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Files that image folders and archives carry but that are never images.
+_SYSTEM_NAMES = {"thumbs.db", "desktop.ini", ".ds_store"}
+_SYSTEM_DIRS = {"__macosx", ".git", ".dvc", "@eadir"}
+# Kaggle's flat layout: <class>.<id>.<ext>, e.g. cat.123.jpg
+_KAGGLE_NAME = re.compile(r"^(?P<label>[^./\\]+)\.[^/\\]+\.[A-Za-z0-9]+$")
+
+Image.MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One raw file: where it is inside the source, and its class when known."""
+
+    path: str  # POSIX path relative to the source root (a zip entry name or a relative file path)
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A raw file left out of the data set, and why."""
+
+    path: str
+    reason: str
+
+
+def is_system_file(path: str) -> bool:
+    """True for hidden files and OS clutter (.DS_Store, Thumbs.db, __MACOSX/...)."""
+    parts = PurePosixPath(path).parts
+    if any(part.lower() in _SYSTEM_DIRS for part in parts[:-1]):
+        return True
+    name = parts[-1]
+    return name.startswith(".") or name.lower() in _SYSTEM_NAMES
+
+
+def assign_labels(paths: Iterable[str]) -> tuple[list[Entry], list[Skipped]]:
+    """Give each path its class: its folder's name, or for one flat folder the Kaggle name prefix.
+
+    A flat folder (every file in the same directory) must use Kaggle's `<class>.<id>.<ext>`
+    names; otherwise each file's class is the name of the folder that holds it.
+    """
+    paths = sorted(paths)
+    parents = {PurePosixPath(p).parent for p in paths}
+    flat = len(parents) == 1
+    entries: list[Entry] = []
+    skipped: list[Skipped] = []
+    for path in paths:
+        pure = PurePosixPath(path)
+        if flat:
+            match = _KAGGLE_NAME.match(pure.name)
+            if match is None:
+                skipped.append(
+                    Skipped(path, "cannot tell the class: not <class>.<id>.<ext> in a flat folder")
+                )
+                continue
+            entries.append(Entry(path, match["label"]))
+        elif pure.parent == PurePosixPath("."):
+            skipped.append(Skipped(path, "cannot tell the class: file is not in a class folder"))
+        else:
+            entries.append(Entry(path, pure.parent.name))
+    return entries, skipped
+
+
+class RawSource:
+    """Read-only access to raw images in a zip file or a folder tree."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise FileNotFoundError(
+                f"raw data {self.root} does not exist: set data.raw in params.yaml to a zip "
+                "or a folder of class folders (see README 'Running on Kaggle data')"
+            )
+        self.is_zip = self.root.is_file()
+        self._zip: zipfile.ZipFile | None = None
+
+    def list_files(self) -> list[str]:
+        """Every regular file in the source, as POSIX paths relative to its root."""
+        if self.is_zip:
+            with zipfile.ZipFile(self.root) as archive:
+                return sorted(info.filename for info in archive.infolist() if not info.is_dir())
+        return sorted(
+            path.relative_to(self.root).as_posix()
+            for path in self.root.rglob("*")
+            if path.is_file()
+        )
+
+    def read(self, path: str) -> bytes:
+        """The bytes of one file."""
+        if self.is_zip:
+            if self._zip is None:  # opened lazily so that each worker process has its own handle
+                self._zip = zipfile.ZipFile(self.root)
+            return self._zip.read(path)
+        return (self.root / path).read_bytes()
+
+
+def check_image(data: bytes) -> str | None:
+    """None when the bytes decode as an image, else the reason they do not."""
+    if not data:
+        return "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; a truncated file still fails
+                image.load()
+    except Image.DecompressionBombError as error:
+        return f"decompression bomb refused: {error}"
+    except Image.DecompressionBombWarning as error:
+        return f"decompression bomb refused: {error}"
+    except Image.UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"cannot decode: {error}"
+    return None
+
+
+def _to_mode(image: Image.Image, color: str) -> Image.Image:
+    """Convert any Pillow mode to L or RGB, flattening transparency onto white."""
+    target = "L" if color == "grayscale" else "RGB"
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.uint32)
+        scale = 257 if array.max(initial=0) > 255 else 1
+        image = Image.fromarray((array // scale).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != target:
+        image = image.convert(target)
+    return image
+
+
+def decode_image(data: bytes, *, height: int, width: int, color: str) -> np.ndarray:
+    """Decode image bytes into an upright (H, W, C) uint8 array of the requested size and colour.
+
+    JPEGs are decoded in draft mode (DCT-domain downscaling) straight to the smallest scale that
+    is still at least the target size, which is what makes large images cheap.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        draft_mode = "L" if color == "grayscale" else "RGB"
+        image.draft(draft_mode, (width, height))
+        image = ImageOps.exif_transpose(image)
+        image = _to_mode(image, color)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        pixels = np.asarray(image, dtype=np.uint8)
+    return pixels.reshape(height, width, 1 if color == "grayscale" else 3)
+
+
+def iter_split_files(split_dir: str | Path) -> Iterator[tuple[str, Path]]:
+    """(class name, file path) for every file under split_dir/<class>/, sorted."""
+    split_dir = Path(split_dir)
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        for path in sorted(class_dir.iterdir()):
+            if path.is_file() and not is_system_file(path.name):
+                yield class_dir.name, path

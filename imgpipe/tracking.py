@@ -1,0 +1,238 @@
+"""Everything MLflow: where the store is, one run per model, and the model as an MLflow pyfunc.
+
+This is the only module that imports mlflow. Nothing happens at import time: the tracking URI is
+resolved and set when a stage opens a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger("imgpipe.tracking")
+
+
+def repo_root() -> Path:
+    """The project root, also inside `dvc exp run --temp/--queue` copies (DVC sets DVC_ROOT)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(configured: str | None) -> str:
+    """MLFLOW_TRACKING_URI if set, else params' tracking.uri, else sqlite:///<repo root>/mlflow.db."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if configured:
+        return configured
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    """HEAD of the project's git repository, or 'unknown' outside one."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def files_digest(paths: Iterable[str | Path]) -> str:
+    """A short content hash of files: ties a run to the exact data it saw."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(Path(p) for p in paths):
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """Nested params as MLflow's flat `section.key` names."""
+    if isinstance(value, Mapping):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return flat
+    return {prefix: value}
+
+
+class Run:
+    """An MLflow run for one model, created by train and resumed by evaluate."""
+
+    def __init__(self, run_id: str, uri: str) -> None:
+        self.run_id = run_id
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        uri: str,
+        experiment: str,
+        model_name: str,
+        dataset: str,
+        data_hash: str,
+        params: Mapping[str, Any],
+    ) -> Run:
+        """Open a new run named after the model and, when DVC runs an experiment, its name."""
+        mlflow.set_tracking_uri(uri)
+        experiment_id = _experiment_id(uri, experiment)
+        exp_name = os.environ.get("DVC_EXP_NAME")
+        commit = git_commit()
+        tags = {
+            "model": model_name,
+            "dataset": dataset,
+            "data_hash": data_hash,
+            "git_commit": commit,
+            "mlflow.source.git.commit": commit,
+            "stage": f"train@{model_name}",
+        }
+        if exp_name:
+            tags["dvc_experiment"] = exp_name
+        run_name = f"{model_name}-{exp_name}" if exp_name else f"{model_name}-{commit[:7]}"
+        client = MlflowClient(tracking_uri=uri)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        tracked = cls(run.info.run_id, uri)
+        tracked.log_params(params)
+        log.info("MLflow run %s (%s) in %s", run_name, run.info.run_id, uri)
+        return tracked
+
+    @classmethod
+    def resume(cls, run_id: str, uri: str) -> Run | None:
+        """The run with this id, or None when this store does not have it."""
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            return None
+        mlflow.set_tracking_uri(uri)
+        return cls(run_id, uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (nested mappings are flattened); MLflow keeps values as strings."""
+        flat = flatten("", params)
+        items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numeric metrics at an optional step (the epoch)."""
+        now = int(mlflow.utils.time.get_current_time_millis())
+        batch = [
+            mlflow.entities.Metric(key, float(value), now, step or 0)
+            for key, value in metrics.items()
+            if value is not None and np.isfinite(value)
+        ]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
+        """Per-epoch training metrics, with the epoch (from 0) as the step."""
+        self.log_metrics(logs, step=epoch)
+
+    def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
+        """Copy a file into the run's artifacts."""
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Add or replace tags."""
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_model(self, model_file: Path, meta_file: Path) -> None:
+        """Log the model in MLflow's pyfunc format: predicts on uint8 pixels or encoded images."""
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+            mlflow.pyfunc.log_model(
+                name="model",
+                python_model=ImageClassifierModel(),
+                artifacts={"model": str(model_file), "meta": str(meta_file)},
+                pip_requirements=_requirements(),
+            )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run."""
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _experiment_id(uri: str, name: str) -> str:
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ["imgpipe", "keras", "tensorflow", "numpy", "pandas", "pillow", "mlflow"]
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except Exception:  # not installed as a distribution: leave it to the environment
+            continue
+    return pins
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc wrapper around imgpipe.classifier.Classifier.
+
+    Input: a uint8 array (N, H, W, C) in the model's view, or a DataFrame with an `image` column of
+    encoded image bytes (or base64 text, as in a JSON serving request). Output: a DataFrame with
+    `label`, `probability`, one `p_<class>` column per class, and `error` for unreadable images.
+    """
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the weights and meta.json from the logged artifacts."""
+        from imgpipe.classifier import Classifier
+
+        folder = Path(tempfile.mkdtemp(prefix="imgpipe-model-"))
+        model_path = Path(context.artifacts["model"])
+        (folder / model_path.name).symlink_to(model_path.resolve())
+        (folder / "meta.json").symlink_to(Path(context.artifacts["meta"]).resolve())
+        self.classifier = Classifier.load(folder)
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
+        """Classify a batch of images."""
+        names = self.classifier.meta.class_names
+        if isinstance(model_input, np.ndarray):
+            proba = self.classifier.predict_proba(model_input)
+            frame = pd.DataFrame(proba, columns=[f"p_{n}" for n in names])
+            frame.insert(0, "label", [names[i] for i in proba.argmax(axis=1)])
+            frame.insert(1, "probability", proba.max(axis=1))
+            return frame
+        images = [_image_bytes(value) for value in model_input["image"]]
+        rows = []
+        for result in self.classifier.classify_bytes(images):
+            if isinstance(result, str):
+                rows.append({"label": None, "probability": None, "error": result})
+            else:
+                rows.append({"label": result[0], "probability": result[1], "error": None})
+        return pd.DataFrame(rows)
+
+
+def _image_bytes(value: Any) -> bytes:
+    import base64
+
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        return base64.b64decode(value)
+    raise TypeError(f"image column holds {type(value).__name__}; expected bytes or base64 text")
