@@ -1,4 +1,4 @@
-"""A trained model of any kind behind one interface: load it from its folder, classify pixels or files."""
+"""Any trained model behind one interface: load it from its folder, classify pixels or files."""
 
 from __future__ import annotations
 
@@ -72,7 +72,9 @@ class Classifier:
         """(N, K) probabilities for uint8 pixels (N, H, W, C) of this model's view."""
         expected = (self.meta.height, self.meta.width, 1 if self.meta.color == "grayscale" else 3)
         if pixels.dtype != np.uint8 or pixels.shape[1:] != expected:
-            raise ValueError(f"expected uint8 pixels (N, {expected}), got {pixels.dtype} {pixels.shape}")
+            raise ValueError(
+                f"expected uint8 pixels (N, {expected}), got {pixels.dtype} {pixels.shape}"
+            )
         if self.meta.kind == "keras":
             if len(pixels) == 0:
                 return np.zeros((0, len(self.meta.class_names)), dtype=np.float32)
@@ -81,7 +83,9 @@ class Classifier:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decode one encoded image into this model's (H, W, C) uint8 view."""
-        return decode_image(data, height=self.meta.height, width=self.meta.width, color=self.meta.color)
+        return decode_image(
+            data, height=self.meta.height, width=self.meta.width, color=self.meta.color
+        )
 
     def classify_bytes(self, images: list[bytes]) -> list[tuple[str, float] | str]:
         """(label, probability) for each encoded image, or the reason it could not be read."""

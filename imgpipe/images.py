@@ -116,7 +116,9 @@ def check_image(data: bytes) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; a truncated file still fails
+                image.draft(
+                    "RGB", (64, 64)
+                )  # JPEG: decode at 1/8 scale; a truncated file still fails
                 image.load()
     except Image.DecompressionBombError as error:
         return f"decompression bomb refused: {error}"
@@ -134,7 +136,10 @@ def _to_mode(image: Image.Image, color: str) -> Image.Image:
     target = "L" if color == "grayscale" else "RGB"
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.uint32)
-        scale = 257 if array.max(initial=0) > 255 else 1
+        # I;16 is 16-bit whatever its content (a dark image may hold only values <= 255);
+        # only 32-bit "I" is ambiguous, and there values <= 255 mean 8-bit data
+        sixteen_bit = image.mode != "I" or array.max(initial=0) > 255
+        scale = 257 if sixteen_bit else 1
         image = Image.fromarray((array // scale).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")

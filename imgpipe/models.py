@@ -29,7 +29,9 @@ def build_dense(
         if params.dropout > 0:
             x = layers.Dropout(params.dropout, name=f"dropout_{index}")(x)
     # float32 output keeps softmax and the loss exact under a mixed-precision policy
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    outputs = layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="probabilities"
+    )(x)
     return keras.Model(inputs, outputs, name="dense")
 
 
@@ -44,12 +46,16 @@ def _augmentation(params: CnnParams) -> list[layers.Layer]:
         steps.append(layers.RandomZoom(augment.zoom, fill_mode="reflect", name="zoom"))
     if augment.shift > 0:
         steps.append(
-            layers.RandomTranslation(augment.shift, augment.shift, fill_mode="reflect", name="shift")
+            layers.RandomTranslation(
+                augment.shift, augment.shift, fill_mode="reflect", name="shift"
+            )
         )
     return steps
 
 
-def build_cnn(input_shape: tuple[int, int, int], num_classes: int, params: CnnParams) -> keras.Model:
+def build_cnn(
+    input_shape: tuple[int, int, int], num_classes: int, params: CnnParams
+) -> keras.Model:
     """VGG-style CNN: augmentation, [Conv -> (BN) -> ReLU] * n -> MaxPool per block, dense head."""
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")  # (N, H, W, C)
     x = layers.Rescaling(1.0 / 255, name="scale")(inputs)
@@ -74,7 +80,9 @@ def build_cnn(input_shape: tuple[int, int, int], num_classes: int, params: CnnPa
     x = layers.Dense(params.head_units, activation="relu", name="head")(x)
     if params.dropout > 0:
         x = layers.Dropout(params.dropout, name="head_dropout_2")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    outputs = layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="probabilities"
+    )(x)
     return keras.Model(inputs, outputs, name="cnn")
 
 

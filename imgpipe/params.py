@@ -163,7 +163,9 @@ class Params(_Section):
     def model_section(self, model_name: str) -> DenseParams | CnnParams | NumpyMlpParams:
         """The params section of one model."""
         if model_name not in MODEL_NAMES:
-            raise ParamsError(f"unknown model {model_name!r}; known models: {', '.join(MODEL_NAMES)}")
+            raise ParamsError(
+                f"unknown model {model_name!r}; known models: {', '.join(MODEL_NAMES)}"
+            )
         return getattr(self, model_name)
 
     def view_of(self, model_name: str) -> ViewParams:
@@ -193,6 +195,8 @@ def _format_error(error: dict[str, Any], raw: dict[str, Any]) -> str:
     message = error["msg"]
     if error["type"] == "literal_error":
         message = message.replace("Input should be", "must be one of:")
+    if not error["loc"]:  # a whole-file check names its own keys; its input is the whole file
+        return message.removeprefix("Value error, ")
     return f"{location}: {message} (got {error.get('input')!r})"
 
 

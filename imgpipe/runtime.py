@@ -15,8 +15,8 @@ from typing import Any
 
 
 def setup_logging(stage: str) -> logging.Logger:
-    """Log lines like `[split] wrote 400 images to data/split` on stderr; quiet TensorFlow's C++ logs."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Log `[split] wrote 400 images to data/split` lines on stderr; quiet TensorFlow's C++ logs."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(
         level=os.environ.get("IMGPIPE_LOG_LEVEL", "INFO"),
         format=f"[{stage}] %(message)s",

@@ -46,7 +46,7 @@ def _order_key(seed: int, digest: str) -> bytes:
 
 
 def _split_sizes(n: int, ratios: Mapping[str, float]) -> dict[str, int]:
-    """How many of n groups go to each split; every split with a positive ratio gets one if n allows."""
+    """How many of n groups go to each split; a positive ratio gets at least one if n allows."""
     sizes = {name: round(n * ratios[name]) for name in ("val", "test")}
     wanted = [name for name in ("test", "val") if ratios[name] > 0]
     for name in wanted:
@@ -78,7 +78,7 @@ def split_dataset(
 
     result = Split()
     groups_by_label: dict[str, list[list[Record]]] = defaultdict(list)
-    for digest, group in by_digest.items():
+    for group in by_digest.values():
         if len(group) > 1:
             result.duplicate_groups += 1
         labels = sorted({r.label for r in group})
@@ -93,8 +93,8 @@ def split_dataset(
         if max_per_class is not None:
             kept, taken = [], 0
             for group in groups:
-                if taken >= max_per_class:
-                    break
+                if taken + len(group) > max_per_class:
+                    continue  # duplicate groups move whole: skip one that would overshoot
                 kept.append(group)
                 taken += len(group)
             groups = kept

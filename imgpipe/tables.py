@@ -46,7 +46,9 @@ def record_batch(
     class_names = json.loads(schema.metadata[_META_CLASSES])
     count = len(label_indices)
     if pixels.dtype != np.uint8 or pixels.shape[0] != count:
-        raise ValueError(f"pixels must be uint8 with {count} rows, got {pixels.dtype} {pixels.shape}")
+        raise ValueError(
+            f"pixels must be uint8 with {count} rows, got {pixels.dtype} {pixels.shape}"
+        )
     flat = np.ascontiguousarray(pixels).reshape(-1)
     row_bytes = schema.field("pixels").type.byte_width
     pixel_array = pa.FixedSizeBinaryArray.from_buffers(
@@ -121,7 +123,12 @@ def table_info(path: str | Path) -> tuple[tuple[int, int, int], list[str], str, 
     meta = pq.read_metadata(path)
     schema_meta = meta.schema.to_arrow_schema().metadata
     shape = tuple(json.loads(schema_meta[_META_SHAPE]))
-    return shape, json.loads(schema_meta[_META_CLASSES]), schema_meta[_META_VIEW].decode(), meta.num_rows  # type: ignore[return-value]
+    return (
+        shape,
+        json.loads(schema_meta[_META_CLASSES]),
+        schema_meta[_META_VIEW].decode(),
+        meta.num_rows,
+    )  # type: ignore[return-value]
 
 
 def pixels_from_column(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> np.ndarray:

@@ -30,7 +30,7 @@ def repo_root() -> Path:
 
 
 def tracking_uri(configured: str | None) -> str:
-    """MLFLOW_TRACKING_URI if set, else params' tracking.uri, else sqlite:///<repo root>/mlflow.db."""
+    """MLFLOW_TRACKING_URI, else params' tracking.uri, else sqlite:///<repo root>/mlflow.db."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if configured:

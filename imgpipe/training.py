@@ -1,4 +1,4 @@
-"""Training loops: Keras models and the NumPy MLP, both fed uint8 pixels and reporting per-epoch logs."""
+"""Training loops for Keras models and the NumPy MLP: uint8 pixels in, per-epoch logs out."""
 
 from __future__ import annotations
 
@@ -133,7 +133,10 @@ def train_numpy_mlp(
     n_inputs = int(np.prod(x_train.shape[1:]))
     n_outputs = 1 if params.output == "sigmoid" else num_classes
     model = NumpyMLP(
-        [n_inputs, *params.hidden_units, n_outputs], output=params.output, init=params.init, seed=seed
+        [n_inputs, *params.hidden_units, n_outputs],
+        output=params.output,
+        init=params.init,
+        seed=seed,
     )
 
     def report(epoch: int, logs: dict[str, float]) -> None:

@@ -1,4 +1,4 @@
-"""Stage `evaluate@<model>`: test-split metrics and plots for one model, into DVC files and its MLflow run."""
+"""Stage `evaluate@<model>`: test metrics and plots for one model, for DVC and its MLflow run."""
 
 from __future__ import annotations
 

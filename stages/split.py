@@ -1,4 +1,4 @@
-"""Stage `split`: raw images -> data/split/{train,val,test}/<class>/ plus a report of what was left out."""
+"""Stage `split`: raw images -> data/split/{train,val,test}/<class>/, plus a report of skips."""
 
 from __future__ import annotations
 
@@ -48,6 +48,11 @@ def destination_names(records: list[Record]) -> dict[str, str]:
         name = f"{record.label}/{PurePosixPath(record.path).name}"
         if taken[name]:
             name = f"{record.label}/{record.digest[:8]}-{PurePosixPath(record.path).name}"
+        copy_number = 1
+        while taken[name]:  # identical bytes under the same file name in several folders
+            copy_number += 1
+            file_name = PurePosixPath(record.path).name
+            name = f"{record.label}/{record.digest[:8]}-{copy_number}-{file_name}"
         taken[name] += 1
         names[record.path] = name
     return names
@@ -74,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     all_files = source.list_files()
     system_files = [f for f in all_files if is_system_file(f)]
     entries, unlabelled = assign_labels(f for f in all_files if not is_system_file(f))
-    log.info("found %d files in %s (%d ignored as system files)", len(all_files), raw, len(system_files))
+    log.info(
+        "found %d files in %s (%d ignored as system files)", len(all_files), raw, len(system_files)
+    )
 
     workers = cpu_count()
     skipped: list[Skipped] = list(unlabelled)

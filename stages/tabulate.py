@@ -57,7 +57,7 @@ def tabulate_split(
     rows_per_group: int,
     progress: tqdm,
 ) -> tuple[int, list[tuple[str, str]]]:
-    """Decode one split's files in parallel and stream them into a Parquet table, row group by row group."""
+    """Decode one split's files in parallel and stream them into a Parquet table by row groups."""
     schema = table_schema(view.shape, class_names, view_name)
     index_of = {name: i for i, name in enumerate(class_names)}
     view_key = (view.height, view.width, view.color)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         for view_name, view in params.views.items():
             for split_name in SPLITS:
                 progress.set_postfix_str(f"{view_name}/{split_name}")
-                rows, failed = tabulate_split(
+                _, failed = tabulate_split(
                     pool,
                     files[split_name],
                     class_names,

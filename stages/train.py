@@ -1,4 +1,4 @@
-"""Stage `train@<model>`: train one model on its view's tables; save it, its history and its MLflow run."""
+"""Stage `train@<model>`: fit one model on its view's tables; save it, its history and run id."""
 
 from __future__ import annotations
 

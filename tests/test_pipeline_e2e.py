@@ -1,0 +1,197 @@
+"""End to end: `dvc repro` in a temporary copy of the project, then MLflow, reruns and predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODELS = ("dense", "cnn", "numpy_mlp")
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Run a command, fail the test with its output if it fails, return stdout+stderr."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def small_params(path: Path) -> None:
+    """Shrink params.yaml so the whole pipeline trains in seconds on the demo digits."""
+    params = yaml.safe_load(path.read_text())
+    params["views"] = {
+        "gray16": {"height": 16, "width": 16, "color": "grayscale"},
+        "rgb16": {"height": 16, "width": 16, "color": "rgb"},
+    }
+    params["models"] = {"dense": "gray16", "cnn": "rgb16", "numpy_mlp": "gray16"}
+    params["dense"].update(hidden_units=[32], epochs=3)
+    params["numpy_mlp"].update(hidden_units=[32], epochs=3)
+    params["cnn"].update(filters=[8, 16], epochs=2, head_units=16)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A fresh git + DVC copy of the project with small params, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, repo / name)
+    for folder in ("stages", "imgpipe"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
+    small_params(repo / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "project copy"], repo, env)
+    output = run(["dvc", "repro"], repo, env)
+    (repo / "first_repro.log").write_text(output)
+    return repo, env
+
+
+def test_first_repro_runs_every_stage(project: tuple[Path, dict[str, str]]) -> None:
+    repo, _ = project
+    ran = stages_run((repo / "first_repro.log").read_text())
+    expected = {"demo", "split", "tabulate"} | {f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS}
+    assert ran == expected
+
+
+def test_metrics_for_every_model(project: tuple[Path, dict[str, str]]) -> None:
+    repo, env = project
+    for model in MODELS:
+        metrics = json.loads((repo / "metrics" / f"{model}.json").read_text())
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+        assert metrics["accuracy"] > 0.2, f"{model} did no better than chance on 10 digits"
+        assert metrics["dataset"] == "demo"
+        assert {"precision", "recall", "f1", "loss"} <= metrics.keys()
+        assert "roc_auc" not in metrics  # ten classes
+        for plot in ("confusion.csv", "confusion.png", "history.png", "predictions.png"):
+            assert (repo / "plots" / model / plot).stat().st_size > 0
+    shown = run(["dvc", "metrics", "show", "--json"], repo, env)
+    assert all(f"metrics/{m}.json" in shown for m in MODELS)
+
+
+def test_split_report_adds_up(project: tuple[Path, dict[str, str]]) -> None:
+    repo, _ = project
+    report = json.loads((repo / "data" / "split-report.json").read_text())
+    assert sum(report["totals"].values()) == report["selected"] == report["readable"]
+    for split_name, per_class in report["counts"].items():
+        files = list((repo / "data" / "split" / split_name).rglob("*.png"))
+        assert len(files) == sum(per_class.values())
+
+
+def test_second_repro_does_nothing(project: tuple[Path, dict[str, str]]) -> None:
+    repo, env = project
+    output = run(["dvc", "repro"], repo, env)
+    assert stages_run(output) == set()
+    assert "up to date" in run(["dvc", "status"], repo, env)
+
+
+def test_changing_one_model_param_reruns_only_that_model(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    repo, env = project
+    params_path = repo / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["dense"]["epochs"] = 2
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    output = run(["dvc", "repro"], repo, env)
+    assert stages_run(output) == {"train@dense", "evaluate@dense"}
+
+
+def test_mlflow_runs_hold_params_history_metrics_plots_and_model(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    repo, _ = project
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("imgpipe")
+    assert experiment is not None
+    for model in MODELS:
+        run_id = json.loads((repo / "models" / model / "mlflow_run.json").read_text())["run_id"]
+        run_data = client.get_run(run_id)
+        assert run_data.info.status == "FINISHED"
+        assert run_data.data.tags["model"] == model
+        assert run_data.data.tags["dataset"] == "demo"
+        assert len(run_data.data.tags["data_hash"]) == 16
+        assert run_data.data.params["split.seed"] == "42"
+        assert run_data.data.params["view.height"] == "16"
+        assert "test_accuracy" in run_data.data.metrics
+        epochs = yaml.safe_load((repo / "params.yaml").read_text())[model]["epochs"]
+        history = client.get_metric_history(run_id, "val_loss")
+        assert [m.step for m in history] == list(range(epochs))
+        artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
+        assert "plots/confusion.png" in artifacts
+        mlflow.set_tracking_uri(uri)
+        loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        channels = 1 if model != "cnn" else 3
+        batch = np.random.default_rng(0).integers(0, 256, (4, 16, 16, channels), dtype=np.uint8)
+        predictions = loaded.predict(batch)
+        assert len(predictions) == 4
+        assert set(predictions["label"]) <= {str(d) for d in range(10)}
+        assert np.allclose(predictions.filter(like="p_").sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_predict_command_classifies_files_and_reports_bad_ones(
+    project: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    repo, env = project
+    images = tmp_path / "images"
+    images.mkdir()
+    digit_dir = repo / "data" / "split" / "test" / "3"
+    for source in sorted(digit_dir.iterdir())[:3]:
+        shutil.copy(source, images / source.name)
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(images / "odd-mode.png")
+    (images / "broken.jpg").write_bytes(b"not an image at all")
+    out_csv = tmp_path / "predictions.csv"
+    result = subprocess.run(
+        [str(BIN / "imgpipe-predict"), "models/dense", str(images), "--out", str(out_csv)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4  # three digits and the RGBA image; the broken file is reported
+    assert "broken.jpg: skipped" in result.stderr
+    rows = out_csv.read_text().strip().splitlines()
+    assert rows[0] == "path,label,probability"
+    assert len(rows) == 5
+    for line in lines:
+        path, label, probability = line.rsplit(",", 2)
+        assert Path(path).exists()
+        assert label in {str(d) for d in range(10)}
+        assert 0.0 < float(probability) <= 1.0
