@@ -209,7 +209,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         (folder / "meta.json").symlink_to(Path(context.artifacts["meta"]).resolve())
         self.classifier = Classifier.load(folder)
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
+    # No type hints here: MLflow would turn them into a strict input schema.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         """Classify a batch of images."""
         names = self.classifier.meta.class_names
         if isinstance(model_input, np.ndarray):
