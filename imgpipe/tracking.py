@@ -210,7 +210,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.classifier = Classifier.load(folder)
 
     # No type hints here: MLflow would turn them into a strict input schema.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         """Classify a batch of images."""
         names = self.classifier.meta.class_names
         if isinstance(model_input, np.ndarray):
