@@ -124,6 +124,18 @@ def roc_rows(y_true: np.ndarray, proba: np.ndarray) -> list[dict[str, float]]:
     ]
 
 
+def micro_roc_rows(y_true: np.ndarray, proba: np.ndarray) -> list[dict[str, float]]:
+    """ROC rows micro-averaged over one-vs-rest problems: one curve for any number of classes."""
+    y_true, proba = _check_proba(y_true, proba)
+    one_hot = np.eye(proba.shape[1], dtype=np.int8)[y_true]  # (N, K)
+    fpr, tpr, thresholds = skm.roc_curve(one_hot.ravel(), proba.ravel())
+    thresholds = np.minimum(thresholds, 1.0)
+    return [
+        {"fpr": float(f), "tpr": float(t), "threshold": float(th)}
+        for f, t, th in zip(fpr, tpr, thresholds, strict=True)
+    ]
+
+
 def history_png(history: Mapping[str, Sequence[float]], title: str) -> bytes:
     """Plot loss and accuracy per epoch (training and, when present, validation) side by side."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")

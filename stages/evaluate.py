@@ -78,9 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "history.png": evaluation.history_png(history["history"], f"{args.model}: training"),
     }
-    if len(names) == 2:
+    both_present = len(np.unique(test.labels)) == len(names)
+    if len(names) == 2 and both_present:
         plot_files["roc.csv"] = rows_csv(evaluation.roc_rows(test.labels, proba))
         plot_files["roc.png"] = evaluation.roc_png(test.labels, proba, f"{args.model}: ROC")
+    else:  # one curve for many classes: micro-average over one-vs-rest problems
+        plot_files["roc.csv"] = rows_csv(evaluation.micro_roc_rows(test.labels, proba))
     chosen = grid_sample(test.labels, params.evaluate.grid_images, params.train.seed)
     plot_files["predictions.png"] = evaluation.prediction_grid_png(
         test.pixels[chosen],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import time
 from pathlib import Path
 
 from imgpipe.classifier import KERAS_FILE, META_FILE, NUMPY_FILE, ModelMeta
@@ -89,30 +88,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from imgpipe import training
 
-        fit = training.train_numpy_mlp if args.model == "numpy_mlp" else None
-        if fit is not None:
-            result = fit(
-                section,
-                train.pixels,
-                train.labels,
-                val.pixels,
-                val.labels,
-                num_classes=num_classes,
-                seed=params.train.seed,
-                on_epoch_end=run.log_epoch,
-            )
+        inputs = (train.pixels, train.labels, val.pixels, val.labels)
+        options = {
+            "num_classes": num_classes,
+            "seed": params.train.seed,
+            "on_epoch_end": run.log_epoch,
+        }
+        if args.model == "numpy_mlp":
+            result = training.train_numpy_mlp(section, *inputs, **options)
         else:
-            result = training.train_keras(
-                args.model,
-                section,
-                train.pixels,
-                train.labels,
-                val.pixels,
-                val.labels,
-                num_classes=num_classes,
-                seed=params.train.seed,
-                on_epoch_end=run.log_epoch,
-            )
+            result = training.train_keras(args.model, section, *inputs, **options)
         meta = ModelMeta(
             model=args.model,
             kind="numpy" if args.model == "numpy_mlp" else "keras",
@@ -153,5 +138,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
     main()

@@ -15,6 +15,7 @@ from imgpipe.evaluation import (
     confusion_png,
     confusion_rows,
     history_png,
+    micro_roc_rows,
     prediction_grid_png,
     roc_png,
     roc_rows,
@@ -294,3 +295,17 @@ def test_prediction_grid_png_rejects_mismatched_lengths() -> None:
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
     with pytest.raises(ValueError):
         prediction_grid_png(images, ["cat"], ["cat", "dog"], [0.9, 0.8], columns=2)
+
+
+def test_micro_roc_rows_for_many_classes_are_a_valid_curve() -> None:
+    rng = np.random.default_rng(3)
+    y_true = rng.integers(0, 4, 60)
+    logits = rng.normal(size=(60, 4)) + 3 * np.eye(4)[y_true]  # informative scores
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    rows = micro_roc_rows(y_true, proba)
+    fpr = np.array([r["fpr"] for r in rows])
+    tpr = np.array([r["tpr"] for r in rows])
+    assert fpr[0] == 0.0 and fpr[-1] == 1.0 and tpr[-1] == 1.0
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    # informative scores: the area under the micro curve beats chance
+    assert np.trapezoid(tpr, fpr) > 0.7
