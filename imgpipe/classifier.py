@@ -56,14 +56,21 @@ class Classifier:
                 "Run `dvc repro` (or `dvc pull`) first."
             )
         meta = ModelMeta.from_json(json.loads(meta_path.read_text()))
+        weights = model_dir / (NUMPY_FILE if meta.kind == "numpy" else KERAS_FILE)
+        return cls.from_files(weights, meta_path)
+
+    @classmethod
+    def from_files(cls, weights_path: str | Path, meta_path: str | Path) -> Classifier:
+        """Load from a weights file (model.keras or model.npz) and its meta.json, anywhere."""
+        meta = ModelMeta.from_json(json.loads(Path(meta_path).read_text()))
         if meta.kind == "keras":
             import keras  # deferred: the NumPy model and the data stages never load TensorFlow
 
-            model = keras.saving.load_model(model_dir / KERAS_FILE, safe_mode=True)
+            model = keras.saving.load_model(weights_path, safe_mode=True)
         elif meta.kind == "numpy":
             from imgpipe.numpy_mlp import NumpyMLP
 
-            model = NumpyMLP.load(model_dir / NUMPY_FILE)
+            model = NumpyMLP.load(weights_path)
         else:
             raise ValueError(f"{meta_path}: unknown model kind {meta.kind!r} (keras or numpy)")
         return cls(meta, model)

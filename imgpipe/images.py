@@ -39,9 +39,9 @@ class Skipped:
 
 
 def is_system_file(path: str) -> bool:
-    """True for hidden files and OS clutter (.DS_Store, Thumbs.db, __MACOSX/...)."""
+    """True for hidden files and folders and OS clutter (.DS_Store, Thumbs.db, __MACOSX/...)."""
     parts = PurePosixPath(path).parts
-    if any(part.lower() in _SYSTEM_DIRS for part in parts[:-1]):
+    if any(part.lower() in _SYSTEM_DIRS or part.startswith(".") for part in parts[:-1]):
         return True
     name = parts[-1]
     return name.startswith(".") or name.lower() in _SYSTEM_NAMES

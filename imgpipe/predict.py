@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the results to this CSV file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:  # 0 would crash range(); a negative size would classify nothing
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     from imgpipe.classifier import Classifier
@@ -45,18 +47,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgpipe-predict: {error}", file=sys.stderr)
         return 2
     paths = list(iter_image_paths(args.images))
+    if not paths:
+        print(
+            "imgpipe-predict: no files found in " + ", ".join(map(str, args.images)),
+            file=sys.stderr,
+        )
+        return 1
     rows: list[tuple[str, str, str]] = []
     failures = 0
     for start in range(0, len(paths), args.batch_size):
         batch = paths[start : start + args.batch_size]
+        readable: list[Path] = []
         payloads: list[bytes] = []
         for path in batch:
             try:
                 payloads.append(path.read_bytes())
+                readable.append(path)
             except OSError as error:
-                payloads.append(b"")
+                failures += 1
                 print(f"{path}: cannot read: {error.strerror}", file=sys.stderr)
-        for path, result in zip(batch, classifier.classify_bytes(payloads), strict=True):
+        for path, result in zip(readable, classifier.classify_bytes(payloads), strict=True):
             if isinstance(result, str):
                 failures += 1
                 print(f"{path}: skipped: {result}", file=sys.stderr)

@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ def files_digest(paths: Iterable[str | Path]) -> str:
     """A short content hash of files: ties a run to the exact data it saw."""
     digest = hashlib.blake2b(digest_size=8)
     for path in sorted(Path(p) for p in paths):
+        digest.update(f"{path.name}:{path.stat().st_size}:".encode())  # file boundaries count
         with path.open("rb") as handle:
             while block := handle.read(1 << 20):
                 digest.update(block)
@@ -203,11 +203,9 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         """Load the weights and meta.json from the logged artifacts."""
         from imgpipe.classifier import Classifier
 
-        folder = Path(tempfile.mkdtemp(prefix="imgpipe-model-"))
-        model_path = Path(context.artifacts["model"])
-        (folder / model_path.name).symlink_to(model_path.resolve())
-        (folder / "meta.json").symlink_to(Path(context.artifacts["meta"]).resolve())
-        self.classifier = Classifier.load(folder)
+        self.classifier = Classifier.from_files(
+            context.artifacts["model"], context.artifacts["meta"]
+        )
 
     # No type hints here: MLflow would turn them into a strict input schema.
     def predict(self, context, model_input, params=None):
@@ -219,11 +217,19 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             frame.insert(0, "label", [names[i] for i in proba.argmax(axis=1)])
             frame.insert(1, "probability", proba.max(axis=1))
             return frame
-        images = [_image_bytes(value) for value in model_input["image"]]
+        images: list[bytes] = []
+        problems: dict[int, str] = {}
+        for index, value in enumerate(model_input["image"]):
+            try:
+                images.append(_image_bytes(value))
+            except (TypeError, ValueError) as error:  # bad base64 or a missing value: this row only
+                images.append(b"")
+                problems[index] = str(error)
         rows = []
-        for result in self.classifier.classify_bytes(images):
+        for index, result in enumerate(self.classifier.classify_bytes(images)):
             if isinstance(result, str):
-                rows.append({"label": None, "probability": None, "error": result})
+                error = problems.get(index, result)
+                rows.append({"label": None, "probability": None, "error": error})
             else:
                 rows.append({"label": result[0], "probability": result[1], "error": None})
         return pd.DataFrame(rows)
@@ -235,5 +241,8 @@ def _image_bytes(value: Any) -> bytes:
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     if isinstance(value, str):
-        return base64.b64decode(value)
+        try:
+            return base64.b64decode(value)
+        except ValueError as error:
+            raise ValueError(f"image text is not valid base64: {error}") from None
     raise TypeError(f"image column holds {type(value).__name__}; expected bytes or base64 text")

@@ -1,0 +1,193 @@
+"""Tests for the `imgpipe-predict` command, run in-process on a model folder and image files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgpipe.classifier import META_FILE, NUMPY_FILE, Classifier, ModelMeta
+from imgpipe.numpy_mlp import NumpyMLP
+from imgpipe.predict import iter_image_paths, main
+
+CLASS_NAMES = ["cat", "dog", "bird"]
+VIEW = {"view": "gray8x6", "height": 8, "width": 6, "color": "grayscale"}
+HEADER = ["path", "label", "probability"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder as the train stage writes it, holding an untrained NumpyMLP."""
+    folder = tmp_path_factory.mktemp("numpy_mlp")
+    n_inputs = VIEW["height"] * VIEW["width"]
+    NumpyMLP([n_inputs, 8, len(CLASS_NAMES)], output="softmax", init="he", seed=0).save(
+        folder / NUMPY_FILE
+    )
+    meta = ModelMeta(model="numpy_mlp", kind="numpy", class_names=CLASS_NAMES, **VIEW)
+    (folder / META_FILE).write_text(json.dumps(meta.to_json()))
+    return folder
+
+
+@pytest.fixture
+def image_dir(
+    tmp_path: Path,
+    tree_writer: Callable[[Path, Mapping[str, bytes]], Path],
+    image_factory: Callable[[str, int], bytes],
+    corrupt_bytes: dict[str, bytes],
+) -> Path:
+    """Three good images (one in a subfolder), a .DS_Store and a broken JPEG."""
+    return tree_writer(
+        tmp_path / "images",
+        {
+            "b.jpg": image_factory("rgb.jpg", 1),
+            "a.png": image_factory("gray.png", 2),
+            ".DS_Store": b"\x00\x00\x00\x01Bud1",
+            "broken.jpg": corrupt_bytes["truncated.jpg"],
+            "nested/c.png": image_factory("rgba.png", 3),
+        },
+    )
+
+
+def good_images(image_dir: Path) -> list[Path]:
+    """The readable images of image_dir, in the order the command lists them."""
+    return [image_dir / "a.png", image_dir / "b.jpg", image_dir / "nested" / "c.png"]
+
+
+def expected_rows(model_dir: Path, paths: list[Path]) -> list[list[str]]:
+    """[path, label, probability] for each path, straight from the Classifier."""
+    results = Classifier.load(model_dir).classify_bytes([p.read_bytes() for p in paths])
+    rows = []
+    for path, result in zip(paths, results, strict=True):
+        assert isinstance(result, tuple), f"{path}: {result}"
+        rows.append([str(path), result[0], f"{result[1]:.4f}"])
+    return rows
+
+
+def test_iter_image_paths_skips_hidden_files_and_recurses(image_dir: Path) -> None:
+    listed = list(iter_image_paths([image_dir]))
+    assert listed == [
+        image_dir / "a.png",
+        image_dir / "b.jpg",
+        image_dir / "broken.jpg",
+        image_dir / "nested" / "c.png",
+    ]
+    # a file named directly is kept whatever its name
+    assert list(iter_image_paths([image_dir / ".DS_Store"])) == [image_dir / ".DS_Store"]
+
+
+def test_predict_prints_and_writes_one_row_per_good_image(
+    model_dir: Path, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_csv = tmp_path / "results" / "predictions.csv"  # its folder does not exist yet
+
+    code = main([str(model_dir), str(image_dir), "--out", str(out_csv)])
+
+    captured = capsys.readouterr()
+    assert code == 0
+    expected = expected_rows(model_dir, good_images(image_dir))
+    printed = [line.split(",") for line in captured.out.splitlines()]
+    assert printed == expected
+    for _, label, probability in printed:
+        assert label in CLASS_NAMES
+        assert 1 / len(CLASS_NAMES) <= float(probability) <= 1
+
+    assert "broken.jpg" in captured.err
+    assert "1 of 4 files" in captured.err
+    assert ".DS_Store" not in captured.out + captured.err
+
+    with out_csv.open(newline="") as handle:
+        written = list(csv.reader(handle))
+    assert written == [HEADER, *expected]
+
+
+def test_predict_batches_do_not_change_results(
+    model_dir: Path, image_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([str(model_dir), str(image_dir)]) == 0
+    whole = capsys.readouterr().out
+    assert main([str(model_dir), str(image_dir), "--batch-size", "1"]) == 0
+    assert capsys.readouterr().out == whole
+
+
+def test_predict_accepts_files_and_reports_missing_ones(
+    model_dir: Path, image_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, missing = image_dir / "b.jpg", image_dir / "missing.png"
+
+    code = main([str(model_dir), str(image), str(missing)])
+
+    captured = capsys.readouterr()
+    assert code == 0  # some images were classified
+    assert [line.split(",") for line in captured.out.splitlines()] == expected_rows(
+        model_dir, [image]
+    )
+    assert f"{missing}: cannot read" in captured.err
+
+
+def test_predict_without_a_model_folder_returns_2(
+    tmp_path: Path, image_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([str(tmp_path / "models" / "dense"), str(image_dir)])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert captured.err.startswith("imgpipe-predict: ")
+    assert "dvc repro" in captured.err
+
+
+def test_predict_with_only_bad_images_returns_1(
+    model_dir: Path,
+    tmp_path: Path,
+    tree_writer: Callable[[Path, Mapping[str, bytes]], Path],
+    corrupt_bytes: dict[str, bytes],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bad_dir = tree_writer(tmp_path / "bad", corrupt_bytes)
+    out_csv = tmp_path / "predictions.csv"
+
+    code = main([str(model_dir), str(bad_dir), "--out", str(out_csv)])
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out == ""
+    for name in corrupt_bytes:
+        assert str(bad_dir / name) in captured.err
+    assert f"{len(corrupt_bytes)} of {len(corrupt_bytes)} files" in captured.err
+    with out_csv.open(newline="") as handle:
+        assert list(csv.reader(handle)) == [HEADER]
+
+
+def test_predict_rejects_a_missing_image_argument(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main([str(model_dir)])
+    assert raised.value.code == 2
+    assert "images" in capsys.readouterr().err
+
+
+def test_predict_results_match_the_model_on_decoded_pixels(
+    model_dir: Path, image_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([str(model_dir), str(image_dir / "a.png")]) == 0
+    path, label, probability = capsys.readouterr().out.strip().split(",")
+    assert path == str(image_dir / "a.png")
+    classifier = Classifier.load(model_dir)
+    proba = classifier.predict_proba(classifier.decode((image_dir / "a.png").read_bytes())[None])
+    assert label == CLASS_NAMES[int(np.argmax(proba[0]))]
+    assert float(probability) == pytest.approx(float(proba.max()), abs=5e-5)
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-3"])
+def test_predict_rejects_a_batch_size_below_one(
+    model_dir: Path, image_dir: Path, batch_size: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main([str(model_dir), str(image_dir), "--batch-size", batch_size])
+    assert raised.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
