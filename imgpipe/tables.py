@@ -54,15 +54,24 @@ def record_batch(
     pixel_array = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(row_bytes), count, [None, pa.py_buffer(flat)]
     )
-    return pa.record_batch(
-        [
-            pa.array([class_names[i] for i in label_indices], pa.string()),
-            pa.array(label_indices, pa.int16()),
-            pa.array(list(sources), pa.string()),
-            pixel_array,
-        ],
+    # Columns are built from buffers: pa.array() imports pandas on its first call (0.4 s, a
+    # tenth of the time tabulate takes for 20,000 images) and the tabulate stage never needs it.
+    indices = pa.Array.from_buffers(
+        pa.int16(), count, [None, pa.py_buffer(np.ascontiguousarray(label_indices, np.int16))]
+    )
+    return pa.RecordBatch.from_arrays(
+        [_string_array(class_names).take(indices), indices, _string_array(sources), pixel_array],
         schema=schema,
     )
+
+
+def _string_array(values: Sequence[str]) -> pa.Array:
+    """A pyarrow string array, equal to pa.array(values, pa.string()), without pa.array()."""
+    encoded = [value.encode() for value in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), len(encoded), buffers)
 
 
 class TableWriter:
@@ -154,3 +163,75 @@ def read_table(path: str | Path, *, with_sources: bool = True) -> PixelTable:
         class_names=json.loads(meta[_META_CLASSES]),
         view=meta[_META_VIEW].decode(),
     )
+
+
+class ParquetBatches:
+    """Mini-batches of (pixels (B, H, W, C) uint8, label indices (B,) int64) read from a table.
+
+    Holds one row group in memory at a time, whatever the size of the table. Batches never
+    straddle row groups. With a seed, every epoch visits the row groups in a new random order and
+    shuffles the rows inside each one. It follows `keras.utils.PyDataset`'s protocol
+    (`__len__`, `__getitem__`, `on_epoch_end`) without importing Keras: wrap it in a PyDataset to
+    feed `model.fit`.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int, *, seed: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._file = pq.ParquetFile(path)
+        meta = self._file.schema_arrow.metadata
+        self.shape: tuple[int, int, int] = tuple(json.loads(meta[_META_SHAPE]))  # type: ignore[assignment]
+        self.class_names: list[str] = json.loads(meta[_META_CLASSES])
+        self.batch_size = batch_size
+        self.rows = self._file.metadata.num_rows
+        self._group_rows = [
+            self._file.metadata.row_group(g).num_rows
+            for g in range(self._file.metadata.num_row_groups)
+        ]
+        self._rng = None if seed is None else np.random.default_rng(seed)
+        self._loaded: tuple[int, np.ndarray, np.ndarray] | None = None  # (group, pixels, labels)
+        self._plan_epoch()
+
+    def _plan_epoch(self) -> None:
+        groups = np.arange(len(self._group_rows))
+        if self._rng is not None:
+            groups = self._rng.permutation(groups)
+        # (group, first row in the group's row order) of each batch
+        self._batches = [
+            (int(g), start)
+            for g in groups
+            for start in range(0, self._group_rows[g], self.batch_size)
+        ]
+        self._row_orders = (
+            None
+            if self._rng is None
+            else {int(g): self._rng.permutation(self._group_rows[g]) for g in groups}
+        )
+
+    def _group(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._loaded is None or self._loaded[0] != group:
+            table = self._file.read_row_group(group, columns=["label_index", "pixels"])
+            pixels = pixels_from_column(table.column("pixels"), self.shape)
+            labels = table.column("label_index").to_numpy().astype(np.int64)
+            self._loaded = (group, pixels, labels)
+        return self._loaded[1], self._loaded[2]
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `index` of the current epoch: pixels (B, H, W, C) uint8, labels (B,) int64."""
+        if not 0 <= index < len(self._batches):
+            raise IndexError(f"batch {index} out of range (0..{len(self._batches) - 1})")
+        group, start = self._batches[index]
+        pixels, labels = self._group(group)
+        stop = start + self.batch_size
+        if self._row_orders is None:
+            return pixels[start:stop], labels[start:stop]
+        rows = self._row_orders[group][start:stop]
+        return pixels[rows], labels[rows]
+
+    def on_epoch_end(self) -> None:
+        """Draw the next epoch's order (only with a seed)."""
+        if self._rng is not None:
+            self._plan_epoch()

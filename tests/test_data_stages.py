@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
 
-from imgpipe.images import decode_image
+from imgpipe.images import decode_image, iter_split_files
 from imgpipe.splitting import SPLITS, Record
 from imgpipe.tables import read_table, table_info
 from stages import demo, split, tabulate
@@ -268,6 +270,122 @@ def test_rerun_gives_identical_split_and_tables(first_run: Run, second_run: Run)
             assert first.pixels.tobytes() == second.pixels.tobytes()
             np.testing.assert_array_equal(first.labels, second.labels)
             assert first.sources == second.sources
+
+
+def _tabulate_with(
+    directory: Path, split_dir: Path, name: str, *, workers: int, per_task: int
+) -> Path:
+    """Run tabulate on split_dir with the given worker count and files per worker task."""
+    params = yaml.safe_load((directory / "params.yaml").read_text(encoding="utf-8"))
+    params["tabulate"]["workers"] = workers
+    (directory / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    out = directory / name
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tabulate, "IMAGES_PER_TASK", per_task)
+        tabulate.main(["--split", str(split_dir), "--out", str(out)])
+    return out
+
+
+def test_tables_do_not_depend_on_workers_or_task_size(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    first_run: Run,
+    class_folder_raw: tuple[Path, dict[str, bytes]],
+    corrupt_bytes: dict[str, bytes],
+) -> None:
+    split_dir = tmp_path / "split"
+    shutil.copytree(first_run.split_dir, split_dir)
+    broken = split_dir / "train" / CLASSES[0] / "zz_broken.jpg"  # sorts last in its class
+    broken.write_bytes(next(iter(corrupt_bytes.values())))
+    _write_params(tmp_path, class_folder_raw[0])
+    monkeypatch.chdir(tmp_path)
+
+    one = _tabulate_with(tmp_path, split_dir, "one", workers=1, per_task=3)
+    three = _tabulate_with(tmp_path, split_dir, "three", workers=3, per_task=64)
+    rows_per_group = 5
+    for view_name in VIEWS:
+        for split_name in SPLITS:
+            path = one / view_name / f"{split_name}.parquet"
+            assert path.read_bytes() == (three / view_name / f"{split_name}.parquet").read_bytes()
+            on_disk = sum(1 for p in (split_dir / split_name).rglob("*") if p.is_file())
+            expected = on_disk - (split_name == "train")  # the broken file is skipped
+            metadata = pq.ParquetFile(path).metadata
+            groups = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+            assert sum(groups) == expected
+            assert all(rows == rows_per_group for rows in groups[:-1])  # full groups ...
+            assert not groups or 0 < groups[-1] <= rows_per_group  # ... then the rest
+        table = read_table(one / view_name / "train.parquet")
+        assert broken.name not in {s.rsplit("/", 1)[-1] for s in table.sources}
+        assert table.sources == sorted(table.sources)  # file order, whatever finished first
+
+
+def test_split_files_lists_like_iter_split_files(tmp_path: Path) -> None:
+    names = ["b/2.jpg", "b/10.jpg", "b/.DS_Store", "b/Thumbs.db", "a/z.png", "a/B.png", "a/a.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a" / "nested").mkdir()  # not a file: skipped
+    (tmp_path / "stray.jpg").write_bytes(b"x")  # not in a class folder: skipped
+    (tmp_path / "b" / "link.jpg").symlink_to(tmp_path / "a" / "a.png")
+    listed = tabulate.split_files(tmp_path)
+    assert listed == [f"{label}/{path.name}" for label, path in iter_split_files(tmp_path)]
+    assert listed == [
+        "a/B.png",
+        "a/a.png",
+        "a/z.png",
+        "b/10.jpg",
+        "b/2.jpg",
+        "b/link.jpg",
+    ]
+
+
+def test_row_group_buffer_cuts_exact_groups_in_order() -> None:
+    buffer = tabulate.RowGroupBuffer((2, 1, 1), rows_per_group=4)
+    groups = []
+    for start, count in [(0, 3), (3, 6), (9, 0), (9, 2)]:
+        values = np.arange(start, start + count, dtype=np.uint8)
+        pixels = np.repeat(values[:, None, None, None], 2, axis=1)  # (count, 2, 1, 1)
+        labels = np.arange(start, start + count, dtype=np.int16)
+        sources = [f"s{i}" for i in range(start, start + count)]
+        groups += [
+            (p.copy(), lab.copy(), list(s)) for p, lab, s in buffer.add(pixels, labels, sources)
+        ]
+    groups += [(p.copy(), lab.copy(), list(s)) for p, lab, s in buffer.flush()]
+    assert [len(lab) for _, lab, _ in groups] == [4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate([lab for _, lab, _ in groups]), np.arange(11))
+    np.testing.assert_array_equal(
+        np.concatenate([p[:, 1, 0, 0] for p, _, _ in groups]), np.arange(11, dtype=np.uint8)
+    )
+    assert [s for _, _, sources in groups for s in sources] == [f"s{i}" for i in range(11)]
+    assert list(buffer.flush()) == []
+
+
+class _FakePool:
+    """Runs each job when its result is asked for; records how many jobs were in flight."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def apply_async(self, function, args):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        pool = self
+
+        class _Result:
+            def get(self):
+                pool.in_flight -= 1
+                return args[0]
+
+        return _Result()
+
+
+def test_ordered_results_keeps_order_and_bounds_work_in_flight() -> None:
+    pool = _FakePool()
+    results = list(tabulate.ordered_results(pool, range(50), in_flight=4))
+    assert results == list(range(50))
+    assert pool.most_in_flight == 4
+    assert pool.in_flight == 0
 
 
 # --------------------------------------------------------------------------- other inputs

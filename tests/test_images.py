@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgpipe import images
 from imgpipe.images import (
     RawSource,
     assign_labels,
@@ -363,3 +364,60 @@ def test_iter_split_files_skips_system_files_and_sorts(
         (label, path.relative_to(tmp_path).as_posix()) for label, path in iter_split_files(tmp_path)
     ]
     assert found == [("cat", "cat/a.png"), ("cat", "cat/b.png"), ("dog", "dog/2.png")]
+
+
+# --------------------------------------------------------------------------- JPEG fast path
+
+
+def _photo_like(height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus noise: compresses like a photo, not like flat colour."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    base = np.stack([rows * 255 / height, cols * 255 / width, (rows + cols) * 127 / width], -1)
+    noise = np.random.default_rng(seed).normal(0, 12, size=base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _jpeg(pixels: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("source", "target"), [((200, 200), (96, 96)), ((375, 500), (64, 64))])
+@pytest.mark.parametrize(("color", "channels"), COLORS)
+def test_jpeg_fast_path_matches_pillow(
+    source: tuple[int, int], target: tuple[int, int], color: str, channels: int
+) -> None:
+    """Plain JPEGs skip Pillow's decoder; the pixels must still be Pillow's, up to rounding."""
+    data = _jpeg(_photo_like(*source, seed=sum(source)))
+    fast = images._decode_plain_jpeg(data, *target, color)
+    assert fast is not None, "a plain YCbCr JPEG must take the fast path"
+    assert fast.shape == (*target, channels)
+    assert fast.dtype == np.uint8
+    with Image.open(io.BytesIO(data)) as image:
+        reference = np.asarray(
+            image.convert("L" if color == "grayscale" else "RGB").resize(
+                target[::-1], Image.Resampling.BILINEAR
+            )
+        ).reshape(*target, channels)
+    difference = np.abs(fast.astype(int) - reference)
+    assert difference.mean() < 2.5, difference.mean()
+    np.testing.assert_array_equal(
+        decode_image(data, height=target[0], width=target[1], color=color), fast
+    )
+
+
+def test_jpeg_fast_path_leaves_exif_cmyk_and_corrupt_files_to_pillow(
+    exif_jpeg: Callable[[int, int], bytes], corrupt_bytes: dict[str, bytes]
+) -> None:
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (24, 16), (0, 255, 255, 0)).save(cmyk, format="JPEG")
+    for data in (
+        exif_jpeg(40, 20),
+        cmyk.getvalue(),
+        corrupt_bytes["truncated.jpg"],
+        _png(np.zeros((4, 4), np.uint8)),
+    ):
+        assert images._decode_plain_jpeg(data, 8, 8, "rgb") is None
+    grayscale_jpeg = _jpeg(_photo_like(32, 32, seed=5)[..., 0])
+    assert images._decode_plain_jpeg(grayscale_jpeg, 16, 16, "rgb").shape == (16, 16, 3)
