@@ -91,6 +91,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_atomic_directory_survives_sigkill_at_any_moment(tmp_path: Path) -> None:
     """A process rewriting a folder in a loop, killed at random moments: the folder is always
     absent or one whole generation, never a mix or a part."""
