@@ -21,6 +21,52 @@ _SYSTEM_DIRS = {"__macosx", ".git", ".dvc", "@eadir"}
 _KAGGLE_NAME = re.compile(r"^(?P<label>[^./\\]+)\.[^/\\]+\.[A-Za-z0-9]+$")
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+# Zip entries are read whole into memory, one at a time: bound what one entry may expand to.
+MAX_ENTRY_BYTES = 256 * 2**20  # no single image file is this large
+MAX_RATIO_BYTES = 16 * 2**20  # above this size, a compression ratio over MAX_RATIO is a bomb
+MAX_RATIO = 100  # encoded images barely compress; a zip bomb compresses 1000:1 and more
+_S_IFMT, _S_IFLNK = 0o170000, 0o120000
+
+
+class UnsafeArchiveError(ValueError):
+    """A zip whose entries would escape the folder they are unpacked into, or are symlinks."""
+
+
+def printable(text: str) -> str:
+    """A file or folder name as valid UTF-8: bytes that are not UTF-8 become \\xNN escapes.
+
+    Linux allows any bytes in names; Python keeps the invalid ones as lone surrogates, which
+    JSON, Parquet and most tools refuse.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unsafe_entry(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip entry could escape its destination (or is a symlink), or None when it is safe."""
+    name = info.filename
+    if (info.external_attr >> 16) & _S_IFMT == _S_IFLNK:
+        return "symlink"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "'..' in the path"
+    return None
+
+
+def oversized_entry(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip entry is too large to read (a zip bomb, or no plausible image), or None."""
+    if info.file_size > MAX_ENTRY_BYTES:
+        return (
+            f"zip entry expands to {info.file_size:,} bytes (limit {MAX_ENTRY_BYTES:,}): "
+            "refused as a zip bomb"
+        )
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > MAX_RATIO_BYTES and ratio > MAX_RATIO:
+        return (
+            f"zip entry compressed {ratio:,.0f}:1 to {info.file_size:,} bytes: "
+            "refused as a zip bomb"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,11 +114,11 @@ def assign_labels(paths: Iterable[str]) -> tuple[list[Entry], list[Skipped]]:
                     Skipped(path, "cannot tell the class: not <class>.<id>.<ext> in a flat folder")
                 )
                 continue
-            entries.append(Entry(path, match["label"]))
+            entries.append(Entry(path, printable(match["label"])))
         elif pure.parent == PurePosixPath("."):
             skipped.append(Skipped(path, "cannot tell the class: file is not in a class folder"))
         else:
-            entries.append(Entry(path, pure.parent.name))
+            entries.append(Entry(path, printable(pure.parent.name)))
     return entries, skipped
 
 
@@ -93,19 +139,43 @@ class RawSource:
         """Every regular file in the source, as POSIX paths relative to its root."""
         if self.is_zip:
             with zipfile.ZipFile(self.root) as archive:
-                return sorted(info.filename for info in archive.infolist() if not info.is_dir())
+                infos = [info for info in archive.infolist() if not info.is_dir()]
+            unsafe = [(info.filename, unsafe_entry(info)) for info in infos]
+            unsafe = [(name, reason) for name, reason in unsafe if reason]
+            if unsafe:
+                listed = "; ".join(f"{name!r} ({reason})" for name, reason in unsafe[:5])
+                more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
+                raise UnsafeArchiveError(
+                    f"refusing {self.root}: {len(unsafe)} entries could escape the data folder "
+                    f"or are symlinks: {listed}{more}. Nothing was read or written. Re-pack the "
+                    "archive with plain relative paths (class/image.jpg) and no links."
+                )
+            return sorted(info.filename for info in infos)
         return sorted(
             path.relative_to(self.root).as_posix()
             for path in self.root.rglob("*")
             if path.is_file()
         )
 
+    def oversized(self) -> dict[str, str]:
+        """Zip entries too large to read, with the reason (empty for folders)."""
+        if not self.is_zip:
+            return {}
+        with zipfile.ZipFile(self.root) as archive:
+            reasons = {info.filename: oversized_entry(info) for info in archive.infolist()}
+        return {name: reason for name, reason in reasons.items() if reason}
+
     def read(self, path: str) -> bytes:
-        """The bytes of one file."""
+        """The bytes of one file (a zip entry no larger than its bounds allow)."""
         if self.is_zip:
             if self._zip is None:  # opened lazily so that each worker process has its own handle
                 self._zip = zipfile.ZipFile(self.root)
-            return self._zip.read(path)
+            info = self._zip.getinfo(path)
+            reason = oversized_entry(info)
+            if reason:
+                raise ValueError(f"{path}: {reason}")
+            # zipfile stops at the declared size: a lying header cannot make this read more
+            return self._zip.read(info)
         return (self.root / path).read_bytes()
 
 

@@ -133,6 +133,9 @@ class EvaluateParams(_Section):
 class TrackingParams(_Section):
     experiment: str = Field(min_length=1)
     uri: str | None
+    # an MLflow server that cannot be reached when a stage starts: stop at once, or log into the
+    # local sqlite store instead
+    on_unreachable: Literal["fail", "local"]
 
 
 class Params(_Section):

@@ -57,17 +57,25 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temporary name; it replaces `path` only if the block succeeds."""
+    """Build a directory under a temporary name; it replaces `path` only if the block succeeds.
+
+    A process killed at any moment (SIGKILL included) leaves `path` either absent, or the old
+    complete directory, or the new complete one; never a mix. Leftover `.<name>.partial` and
+    `.<name>.old` siblings are debris that the next call removes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
+    old = path.with_name(f".{path.name}.old")
     shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     partial.mkdir()
     try:
         yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
+    if path.exists() or path.is_symlink():
+        os.replace(path, old)  # one rename: never a half-deleted old output under the real name
     os.replace(partial, path)
+    shutil.rmtree(old, ignore_errors=True)

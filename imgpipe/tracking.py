@@ -6,11 +6,14 @@ resolved and set when a stage opens a run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterable, Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,69 @@ def tracking_uri(configured: str | None) -> str:
     if configured:
         return configured
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def local_uri() -> str:
+    """The local store: sqlite:///<repo root>/mlflow.db."""
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def limit_http_retries() -> None:
+    """Bound how long one call to an unreachable server waits (MLflow retries 7 times with
+    exponential backoff by default: minutes per call). Explicit environment settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
+    """Why an http(s) tracking server does not answer its /health endpoint, or None if it does.
+
+    Other stores (sqlite, file) are local and always count as reachable.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status >= 400:
+                return f"/health answered HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        return f"/health answered HTTP {error.code}"
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        return str(getattr(error, "reason", error))
+    return None
+
+
+def open_store(configured: str | None, on_unreachable: str) -> str:
+    """The tracking URI a stage logs to, checked before any work starts.
+
+    An unreachable server stops the stage at once (on_unreachable "fail") or is replaced by the
+    local sqlite store with a warning (on_unreachable "local").
+    """
+    limit_http_retries()
+    uri = tracking_uri(configured)
+    reason = unreachable_reason(uri)
+    if reason is None:
+        return uri
+    local = local_uri()
+    if on_unreachable == "local":
+        log.warning(
+            "MLflow server %s is unreachable (%s): logging into the local store %s instead "
+            "(tracking.on_unreachable: local)",
+            uri,
+            reason,
+            local,
+        )
+        return local
+    raise TrackingUnavailableError(
+        f"MLflow server {uri} is unreachable ({reason}); nothing was done. Start the server, "
+        "or point MLFLOW_TRACKING_URI / tracking.uri at one that runs, or run with "
+        f"`-S tracking.on_unreachable=local` to log into {local} instead."
+    )
 
 
 def git_commit() -> str:
@@ -75,6 +141,38 @@ class Run:
         self.run_id = run_id
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        # Once a call fails (e.g. the server went away), later ones are not attempted: each would
+        # wait for its retries. What was not logged is listed here for the stage to report.
+        self.failure: str | None = None
+        self.unlogged: list[str] = []
+
+    def _attempt(self, what: str, action: Callable[[], object]) -> bool:
+        """Run one logging call; a failure is recorded and reported, never raised."""
+        if self.failure is not None:
+            self.unlogged.append(what)
+            return False
+        try:
+            action()
+        except Exception as error:  # any failure to log must not stop training or evaluation
+            self.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            self.unlogged.append(what)
+            log.warning(
+                "MLflow logging to %s failed (%s): going on without it; "
+                "everything not logged will be listed at the end",
+                self.uri,
+                self.failure,
+            )
+            return False
+        return True
+
+    def report(self) -> dict[str, Any]:
+        """Where this run logs and what could not be logged (empty when all went well)."""
+        return {
+            "run_id": self.run_id,
+            "tracking_uri": self.uri,
+            "logging_error": self.failure,
+            "unlogged": list(self.unlogged),
+        }
 
     @classmethod
     def start(
@@ -121,12 +219,20 @@ class Run:
         mlflow.set_tracking_uri(uri)
         return cls(run_id, uri)
 
+    def reopen(self) -> None:
+        """Mark a run RUNNING again: an interrupted training run continues in it."""
+        self._attempt("run status RUNNING", lambda: self.client.update_run(self.run_id, "RUNNING"))
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (nested mappings are flattened); MLflow keeps values as strings."""
         flat = flatten("", params)
         items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flat.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+            chunk = items[start : start + 100]
+            self._attempt(
+                f"params {', '.join(p.key for p in chunk)}",
+                lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk),
+            )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics at an optional step (the epoch)."""
@@ -137,7 +243,11 @@ class Run:
             if value is not None and np.isfinite(value)
         ]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            where = f" at step {step}" if step is not None else ""
+            self._attempt(
+                f"metrics {', '.join(m.key for m in batch)}{where}",
+                lambda: self.client.log_batch(self.run_id, metrics=batch),
+            )
 
     def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
         """Per-epoch training metrics, with the epoch (from 0) as the step."""
@@ -145,26 +255,43 @@ class Run:
 
     def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
         """Copy a file into the run's artifacts."""
-        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+        name = f"{artifact_dir}/{Path(path).name}" if artifact_dir else Path(path).name
+        self._attempt(
+            f"artifact {name}",
+            lambda: self.client.log_artifact(self.run_id, str(path), artifact_dir),
+        )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Add or replace tags."""
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self._attempt(
+                f"tag {key}",
+                lambda key=key, value=value: self.client.set_tag(self.run_id, key, value),
+            )
 
     def log_model(self, model_file: Path, meta_file: Path) -> None:
         """Log the model in MLflow's pyfunc format: predicts on uint8 pixels or encoded images."""
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-            mlflow.pyfunc.log_model(
-                name="model",
-                python_model=ImageClassifierModel(),
-                artifacts={"model": str(model_file), "meta": str(meta_file)},
-                pip_requirements=_requirements(),
-            )
+
+        def log() -> None:
+            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+                mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=ImageClassifierModel(),
+                    artifacts={"model": str(model_file), "meta": str(meta_file)},
+                    pip_requirements=_requirements(),
+                )
+
+        if not self._attempt("model (MLflow pyfunc)", log) and mlflow.active_run() is not None:
+            # forget the half-opened fluent run locally; ending it remotely may fail too
+            with contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run."""
-        self.client.set_terminated(self.run_id, status=status)
+        self._attempt(
+            f"run status {status}",
+            lambda: self.client.set_terminated(self.run_id, status=status),
+        )
 
 
 def _experiment_id(uri: str, name: str) -> str:

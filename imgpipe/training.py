@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from imgpipe.params import CnnParams, DenseParams, NumpyMlpParams
+
+if TYPE_CHECKING:
+    import keras
+
+    from imgpipe.checkpoints import TrainingCheckpoint
+
+log = logging.getLogger("imgpipe.training")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -26,6 +35,7 @@ class TrainResult:
     images_per_second: float
     parameters: int
     extra: dict[str, float] = field(default_factory=dict)
+    resumed_from_epoch: int = 0  # epochs restored from a checkpoint instead of trained here
 
 
 def seed_everything(seed: int) -> None:
@@ -45,6 +55,36 @@ def _clean_history(raw: dict[str, list]) -> dict[str, list[float]]:
     return {key: [float(v) for v in raw[key]] for key in HISTORY_KEYS if key in raw}
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of one epoch: depends only on (seed, epoch), not on what ran
+    before in this process, so a run resumed at epoch k sees the same batches as one that never
+    stopped."""
+    return np.random.default_rng([seed, epoch]).permutation(n)  # (N,)
+
+
+def training_state(model: keras.Model) -> dict[str, np.ndarray]:
+    """Every variable training changes: weights, batch-norm statistics, the random-seed states of
+    dropout and augmentation layers (model.variables) and the optimizer's slots and step count."""
+    arrays = {f"model_{i}": np.asarray(v) for i, v in enumerate(model.variables)}
+    arrays.update({f"opt_{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+    return arrays
+
+
+def restore_training_state(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
+    """Put back what training_state saved, into a model built and compiled the same way."""
+    targets = {f"model_{i}": v for i, v in enumerate(model.variables)}
+    targets.update({f"opt_{i}": v for i, v in enumerate(model.optimizer.variables)})
+    if set(targets) != set(arrays):
+        raise ValueError(
+            f"checkpoint holds {len(arrays)} arrays but the model and optimizer have "
+            f"{len(targets)} variables"
+        )
+    for name, variable in targets.items():
+        if tuple(variable.shape) != arrays[name].shape:
+            raise ValueError(f"checkpoint array {name} has shape {arrays[name].shape}")
+        variable.assign(arrays[name])
+
+
 def train_keras(
     model_name: str,
     params: DenseParams | CnnParams,
@@ -56,8 +96,15 @@ def train_keras(
     num_classes: int,
     seed: int,
     on_epoch_end: EpochCallback | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> TrainResult:
-    """Build, compile and fit a registered Keras model on uint8 pixels (N, H, W, C)."""
+    """Build, compile and fit a registered Keras model on uint8 pixels (N, H, W, C).
+
+    With a checkpoint, each finished epoch is saved to it, and a matching checkpoint found at the
+    start is restored: training continues after its last epoch and ends exactly where an
+    uninterrupted run would (same batches, same dropout and augmentation draws, same optimizer
+    state).
+    """
     import keras
 
     from imgpipe.models import build_model, build_optimizer
@@ -79,6 +126,19 @@ def train_keras(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
+    history: dict[str, list[float]] = {}
+    first_epoch, earlier_seconds = 0, 0.0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None and state.epochs_done <= params.epochs:
+        restore_training_state(model, state.arrays)
+        history, first_epoch, earlier_seconds = state.history, state.epochs_done, state.seconds
+        log.info(
+            "resuming from checkpoint %s after epoch %d of %d",
+            checkpoint.directory if checkpoint else "",
+            first_epoch,
+            params.epochs,
+        )
     callbacks: list[keras.callbacks.Callback] = []
     if on_epoch_end is not None:
         callbacks.append(
@@ -86,24 +146,36 @@ def train_keras(
                 on_epoch_end=lambda epoch, logs: on_epoch_end(epoch, _float_logs(logs))
             )
         )
+    verbose = 2 if os.environ.get("CI") else 1
     started = time.perf_counter()
-    history = model.fit(
-        x_train,
-        y_train,
-        validation_data=(x_val, y_val) if len(x_val) else None,
-        batch_size=params.batch_size,
-        epochs=params.epochs,
-        shuffle=True,
-        callbacks=callbacks,
-        verbose=2 if os.environ.get("CI") else 1,
-    )
+    for epoch in range(first_epoch, params.epochs):
+        log.info("epoch %d/%d", epoch + 1, params.epochs)
+        order = epoch_order(len(x_train), seed, epoch)  # a uint8 copy per epoch, never floats
+        fitted = model.fit(
+            x_train[order],
+            y_train[order],
+            validation_data=(x_val, y_val) if len(x_val) else None,
+            batch_size=params.batch_size,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            shuffle=False,  # epoch_order shuffled it, reproducibly per epoch
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        for key, values in _clean_history(fitted.history).items():
+            history.setdefault(key, []).extend(values)
+        if checkpoint is not None:
+            seconds = earlier_seconds + time.perf_counter() - started
+            checkpoint.save(epoch + 1, history, training_state(model), seconds)
     seconds = time.perf_counter() - started
+    epochs_here = params.epochs - first_epoch
     return TrainResult(
         model=model,
-        history=_clean_history(history.history),
-        seconds=seconds,
-        images_per_second=len(x_train) * params.epochs / seconds,
+        history=history,
+        seconds=earlier_seconds + seconds,
+        images_per_second=len(x_train) * epochs_here / max(seconds, 1e-9),
         parameters=int(model.count_params()),
+        resumed_from_epoch=first_epoch,
     )
 
 

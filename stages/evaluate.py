@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from imgpipe import tracking  # deferred: importing mlflow is slow
 
+    try:  # before any work: an unreachable server stops the stage now
+        uri = tracking.open_store(params.tracking.uri, params.tracking.on_unreachable)
+    except tracking.TrackingUnavailableError as error:
+        raise SystemExit(f"[evaluate@{args.model}] {error}") from None
+
     test = read_table(args.tables / "test.parquet")
     classifier = Classifier.load(args.model_dir)
     if classifier.meta.class_names != test.class_names:
@@ -96,7 +101,6 @@ def main(argv: list[str] | None = None) -> None:
         write_bytes_atomic(plots / name, data)
     write_json_atomic(args.metrics, metrics)
 
-    uri = tracking.tracking_uri(params.tracking.uri)
     run_id = json.loads((args.model_dir / RUN_FILE).read_text())["run_id"]
     run = tracking.Run.resume(run_id, uri)
     if run is None:
@@ -119,6 +123,19 @@ def main(argv: list[str] | None = None) -> None:
         run.log_file(plots / name, "plots")
     run.log_file(args.metrics, "metrics")
     run.finish()
+    if run.unlogged:
+        log.warning(
+            "MLflow run %s in %s is missing %d item(s) because logging failed (%s): %s. "
+            "%s and %s/ are complete; rerun `dvc repro -f evaluate@%s` once the server is back.",
+            run.run_id,
+            run.uri,
+            len(run.unlogged),
+            run.failure,
+            "; ".join(run.unlogged),
+            args.metrics,
+            plots,
+            args.model,
+        )
     log.info(
         "%s on %d test images: accuracy %.4f, loss %.4f, f1 %.4f; wrote %s and %s/ in %.1f s",
         args.model,

@@ -11,7 +11,15 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from imgpipe.images import RawSource, Skipped, assign_labels, check_image, is_system_file
+from imgpipe.images import (
+    RawSource,
+    Skipped,
+    UnsafeArchiveError,
+    assign_labels,
+    check_image,
+    is_system_file,
+    printable,
+)
 from imgpipe.params import ParamsError, load_params
 from imgpipe.runtime import atomic_directory, cpu_count, setup_logging, write_json_atomic
 from imgpipe.splitting import SPLITS, Record, split_dataset
@@ -45,13 +53,13 @@ def destination_names(records: list[Record]) -> dict[str, str]:
     names: dict[str, str] = {}
     taken: Counter[str] = Counter()
     for record in sorted(records, key=lambda r: r.path):
-        name = f"{record.label}/{PurePosixPath(record.path).name}"
+        file_name = printable(PurePosixPath(record.path).name)  # valid UTF-8 for tables
+        name = f"{record.label}/{file_name}"
         if taken[name]:
-            name = f"{record.label}/{record.digest[:8]}-{PurePosixPath(record.path).name}"
+            name = f"{record.label}/{record.digest[:8]}-{file_name}"
         copy_number = 1
         while taken[name]:  # identical bytes under the same file name in several folders
             copy_number += 1
-            file_name = PurePosixPath(record.path).name
             name = f"{record.label}/{record.digest[:8]}-{copy_number}-{file_name}"
         taken[name] += 1
         names[record.path] = name
@@ -76,9 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as error:
         raise SystemExit(f"[split] {error}") from None
 
-    all_files = source.list_files()
+    try:
+        all_files = source.list_files()
+    except UnsafeArchiveError as error:
+        raise SystemExit(f"[split] {error}") from None
     system_files = [f for f in all_files if is_system_file(f)]
-    entries, unlabelled = assign_labels(f for f in all_files if not is_system_file(f))
+    oversized = source.oversized()
+    entries, unlabelled = assign_labels(
+        f for f in all_files if not is_system_file(f) and f not in oversized
+    )
+    unlabelled.extend(Skipped(path, reason) for path, reason in sorted(oversized.items()))
     log.info(
         "found %d files in %s (%d ignored as system files)", len(all_files), raw, len(system_files)
     )
@@ -152,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         "classes": labels,
         "totals": {s: len(split.assigned[s]) for s in SPLITS},
         "counts": counts,
-        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        "skipped": [{"path": printable(s.path), "reason": s.reason} for s in skipped],
     }
     write_json_atomic(args.report, report)
     elapsed = time.perf_counter() - started
@@ -169,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     if skipped:
         log.warning("skipped %d unreadable or unlabelled files: see %s", len(skipped), args.report)
         for item in skipped[:5]:
-            log.warning("  %s: %s", item.path, item.reason)
+            log.warning("  %s: %s", printable(item.path), item.reason)
 
 
 if __name__ == "__main__":

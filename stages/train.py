@@ -7,6 +7,7 @@ import csv
 import io
 from pathlib import Path
 
+from imgpipe.checkpoints import TrainingCheckpoint, fingerprint
 from imgpipe.classifier import KERAS_FILE, META_FILE, NUMPY_FILE, ModelMeta
 from imgpipe.params import MODEL_NAMES, ParamsError, load_params
 from imgpipe.runtime import atomic_directory, setup_logging, write_bytes_atomic, write_json_atomic
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, choices=MODEL_NAMES)
     parser.add_argument("--tables", required=True, type=Path, help="data/tables/<view>")
     parser.add_argument("--out", required=True, type=Path, help="output folder (models/<model>)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="per-epoch checkpoint folder (checkpoints/<model>), kept outside the DVC output so "
+        "that an interrupted run resumes; removed once the model is saved",
+    )
     args = parser.parse_args(argv)
     log = setup_logging(f"train@{args.model}")
     try:
@@ -45,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     view_name = params.models[args.model]
 
     from imgpipe import tracking  # deferred: importing mlflow is slow and needs no params
+
+    try:  # before any work: an unreachable server stops the stage now, not after training
+        uri = tracking.open_store(params.tracking.uri, params.tracking.on_unreachable)
+    except tracking.TrackingUnavailableError as error:
+        raise SystemExit(f"[train@{args.model}] {error}") from None
 
     train_path, val_path = args.tables / "train.parquet", args.tables / "val.parquet"
     train = read_table(train_path, with_sources=False)
@@ -66,25 +78,47 @@ def main(argv: list[str] | None = None) -> None:
         num_classes,
     )
 
-    run = tracking.Run.start(
-        uri=tracking.tracking_uri(params.tracking.uri),
-        experiment=params.tracking.experiment,
-        model_name=args.model,
-        dataset=dataset,
-        data_hash=tracking.files_digest([train_path, val_path]),
-        params={
-            "model": args.model,
-            "data": params.data.model_dump(),
-            "split": params.split.model_dump(),
-            "view": {"name": view_name, **view.model_dump()},
-            "tabulate": params.tabulate.model_dump(),
-            "train": params.train.model_dump(),
-            args.model: section.model_dump(),
-            "n_train": len(train.labels),
-            "n_val": len(val.labels),
-            "classes": ",".join(train.class_names),
-        },
-    )
+    data_hash = tracking.files_digest([train_path, val_path])
+    checkpoint = None
+    if args.checkpoint is not None and args.model != "numpy_mlp":  # NumPy MLP: no resume yet
+        checkpoint = TrainingCheckpoint(
+            args.checkpoint,
+            fingerprint(
+                {
+                    "model": args.model,
+                    "section": section.model_dump(),
+                    "view": view.model_dump(),
+                    "train": params.train.model_dump(),
+                    "data_hash": data_hash,
+                    "classes": train.class_names,
+                }
+            ),
+        )
+    resumed_run_id = (checkpoint.saved_extra() or {}).get("run_id") if checkpoint else None
+    run = tracking.Run.resume(resumed_run_id, uri) if resumed_run_id else None
+    if run is not None:
+        run.reopen()
+        log.info("continuing MLflow run %s of the interrupted training", run.run_id)
+    else:
+        run = tracking.Run.start(
+            uri=uri,
+            experiment=params.tracking.experiment,
+            model_name=args.model,
+            dataset=dataset,
+            data_hash=data_hash,
+            params={
+                "model": args.model,
+                "data": params.data.model_dump(),
+                "split": params.split.model_dump(),
+                "view": {"name": view_name, **view.model_dump()},
+                "tabulate": params.tabulate.model_dump(),
+                "train": params.train.model_dump(),
+                args.model: section.model_dump(),
+                "n_train": len(train.labels),
+                "n_val": len(val.labels),
+                "classes": ",".join(train.class_names),
+            },
+        )
     try:
         from imgpipe import training
 
@@ -94,10 +128,14 @@ def main(argv: list[str] | None = None) -> None:
             "seed": params.train.seed,
             "on_epoch_end": run.log_epoch,
         }
+        if checkpoint is not None:
+            checkpoint.extra = {"run_id": run.run_id}
         if args.model == "numpy_mlp":
             result = training.train_numpy_mlp(section, *inputs, **options)
         else:
-            result = training.train_keras(args.model, section, *inputs, **options)
+            result = training.train_keras(
+                args.model, section, *inputs, **options, checkpoint=checkpoint
+            )
         meta = ModelMeta(
             model=args.model,
             kind="numpy" if args.model == "numpy_mlp" else "keras",
@@ -111,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             "train_seconds": round(result.seconds, 2),
             "train_images_per_second": round(result.images_per_second, 1),
             "parameters": result.parameters,
+            "resumed_from_epoch": result.resumed_from_epoch,
         }
         with atomic_directory(args.out) as staging:
             model_file = staging / (NUMPY_FILE if meta.kind == "numpy" else KERAS_FILE)
@@ -118,13 +157,29 @@ def main(argv: list[str] | None = None) -> None:
             write_json_atomic(staging / META_FILE, meta.to_json())
             write_json_atomic(staging / HISTORY_JSON, {**summary, "history": result.history})
             write_bytes_atomic(staging / HISTORY_CSV, history_csv(result.history).encode())
-            write_json_atomic(staging / RUN_FILE, {"run_id": run.run_id})
+            write_json_atomic(staging / RUN_FILE, run.report())
+        if checkpoint is not None:
+            checkpoint.clear()  # the model is saved: a rerun must train afresh, not resume
         run.log_metrics(summary)
         run.log_file(args.out / HISTORY_CSV)
         run.log_model(args.out / model_file.name, args.out / META_FILE)
     except BaseException:
         run.finish("FAILED")
         raise
+    if run.unlogged:  # the model is complete; say exactly what MLflow is missing
+        write_json_atomic(args.out / RUN_FILE, run.report())
+        log.warning(
+            "MLflow run %s in %s is missing %d item(s) because logging failed (%s); the model "
+            "and its files are complete. Missing: %s. They are listed in %s; rerun "
+            "`dvc repro -f train@%s` once the server is back to log everything.",
+            run.run_id,
+            run.uri,
+            len(run.unlogged),
+            run.failure,
+            "; ".join(run.unlogged),
+            args.out / RUN_FILE,
+            args.model,
+        )
     final = {k: v[-1] for k, v in result.history.items()}
     log.info(
         "%d epochs in %.1f s (%.0f images/s), %s parameters; last epoch: %s; saved to %s",

@@ -152,6 +152,7 @@ def test_layer_sizes_must_be_positive(
         ("cnn", "pooling", "max", ("global_average", "flatten")),
         ("cnn", "precision", "float16", ("float32", "mixed_bfloat16")),
         ("numpy_mlp", "init", "glorot", ("he", "xavier")),
+        ("tracking", "on_unreachable", "offline", ("fail", "local")),
     ],
 )
 def test_unknown_choice_lists_valid_values(

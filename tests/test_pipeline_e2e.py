@@ -198,3 +198,52 @@ def test_predict_command_classifies_files_and_reports_bad_ones(
         assert Path(path).exists()
         assert label in {str(d) for d in range(10)}
         assert 0.0 < float(probability) <= 1.0
+
+
+def test_killed_dvc_repro_resumes_training_on_the_next_repro(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    """SIGKILL `dvc repro` mid-way through train@dense: no model is left behind, and the next
+    `dvc repro` resumes from the checkpoint and completes the stage and its evaluation."""
+    import signal
+    import time
+
+    repo, env = project
+    params_path = repo / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["dense"].update(epochs=12, hidden_units=[256, 128])
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    state_path = repo / "checkpoints" / "dense" / "state.json"
+    log_path = repo / "killed_repro.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            ["dvc", "repro", "train@dense"],
+            cwd=repo,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if json.loads(state_path.read_text())["epochs_done"] >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "train@dense made no progress"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (repo / "models" / "dense" / "model.keras").exists()
+
+    output = run(["dvc", "repro"], repo, env)
+    assert stages_run(output) == {"train@dense", "evaluate@dense"}
+    assert "resuming from checkpoint checkpoints/dense" in output
+    assert not (repo / "checkpoints" / "dense").exists()
+    history = json.loads((repo / "models" / "dense" / "history.json").read_text())
+    assert history["resumed_from_epoch"] >= 2
+    assert len(history["history"]["val_loss"]) == 12
+    assert json.loads((repo / "metrics" / "dense.json").read_text())["accuracy"] > 0.5
+    assert "up to date" in run(["dvc", "status"], repo, env)

@@ -1,0 +1,234 @@
+"""An MLflow server that is down at the start stops a stage at once (or, when params say so, the
+stage logs locally); one that dies mid-run does not stop training, and what was lost is reported.
+
+Real servers and ports only: a closed loopback port, and a real `mlflow server` killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from imgpipe import tracking
+from stages import evaluate, train
+from tests.test_interrupted import (
+    checkpoint_epochs,
+    start_stage,
+    train_command,
+    write_digit_tables,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def closed_port_uri(monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"http://127.0.0.1:{free_port()}"
+    # empty counts as unset; setenv (unlike delenv of an absent name) is always undone, also
+    # after mlflow.set_tracking_uri has written the variable
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    return uri
+
+
+def write_params(folder: Path, **tracking_values: Any) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tracking"].update(tracking_values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+# --------------------------------------------------------------------------- down at the start
+
+
+def test_unreachable_server_is_refused_with_what_to_do(closed_port_uri: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailableError) as caught:
+        tracking.open_store(closed_port_uri, "fail")
+    assert time.monotonic() - started < 10  # at once, not after minutes of retries
+    message = str(caught.value)
+    assert closed_port_uri in message
+    assert "unreachable" in message
+    assert "tracking.on_unreachable=local" in message
+
+
+def test_unreachable_server_falls_back_to_the_local_store_when_asked(
+    closed_port_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.open_store(closed_port_uri, "local") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_local_stores_need_no_server(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.unreachable_reason(uri) is None
+    assert tracking.open_store(uri, "fail") == uri
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_stage_stops_before_any_work_when_the_server_is_down(
+    stage: str, closed_port_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no tables exist: the stage must stop on the server check, before it reads anything
+    write_params(tmp_path, uri=closed_port_uri, on_unreachable="fail")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        if stage == "train":
+            train.main(["--model", "dense", "--tables", "tables/x", "--out", "models/dense"])
+        else:
+            evaluate.main(
+                [
+                    *("--model", "dense", "--tables", "tables/x", "--model-dir", "models/dense"),
+                    *("--metrics", "metrics/dense.json", "--plots", "plots/dense"),
+                ]
+            )
+    message = str(caught.value.code)
+    assert message.startswith(f"[{stage}@dense]")
+    assert closed_port_uri in message and "unreachable" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_run_records_what_it_could_not_log(
+    closed_port_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Run whose server is gone keeps going and lists every call that did not reach it."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no need to wait for retries
+    run = tracking.Run("0" * 32, closed_port_uri)
+    run.log_epoch(0, {"loss": 1.0})
+    run.log_metrics({"train_seconds": 3.0})
+    run.finish()
+    report = run.report()
+    assert report["logging_error"]
+    assert report["unlogged"] == [
+        "metrics loss at step 0",
+        "metrics train_seconds",
+        "run status FINISHED",
+    ]
+
+
+# --------------------------------------------------------------------------- dies mid-run
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real MLflow tracking server on a loopback port, in its own process group."""
+    log_file = (folder / "server.log").open("wb")
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+            *("--backend-store-uri", f"sqlite:///{folder / 'server.db'}"),
+            *("--artifacts-destination", str(folder / "artifacts")),
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_healthy(uri: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail("mlflow server did not start in time")
+
+
+@pytest.mark.slow
+def test_server_killed_mid_training_loses_no_model_and_reports_the_gap(tmp_path: Path) -> None:
+    write_digit_tables(tmp_path / "tables" / "gray8")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["views"] = {"gray8": {"height": 8, "width": 8, "color": "grayscale"}}
+    params["models"] = {"dense": "gray8", "cnn": "gray8", "numpy_mlp": "gray8"}
+    params["dense"].update(hidden_units=[256, 128], epochs=8, learning_rate=0.005, batch_size=32)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    params["tracking"].update(uri=uri, on_unreachable="fail")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        wait_healthy(uri, server, timeout=150)
+        stage = start_stage(
+            train_command("models/dense", "checkpoints/dense"), tmp_path, tmp_path / "train.log"
+        )
+        deadline = time.monotonic() + 240
+        while checkpoint_epochs(tmp_path / "checkpoints" / "dense") < 2:
+            assert stage.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "training made no progress"
+            time.sleep(0.01)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-training
+        server.wait(timeout=30)
+    assert stage.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-4000:]
+    output = (tmp_path / "train.log").read_text()
+
+    model_dir = tmp_path / "models" / "dense"
+    history = json.loads((model_dir / "history.json").read_text())["history"]
+    assert len(history["val_loss"]) == 8  # training finished
+    assert (model_dir / "model.keras").stat().st_size > 0
+    assert (model_dir / "meta.json").is_file()
+    report = json.loads((model_dir / "mlflow_run.json").read_text())
+    assert report["tracking_uri"] == uri
+    assert report["logging_error"]
+    unlogged = report["unlogged"]
+    assert "metrics accuracy, loss, val_accuracy, val_loss at step 7" in unlogged
+    assert "artifact history.csv" in unlogged
+    assert "model (MLflow pyfunc)" in unlogged
+    assert "MLflow run" in output and "missing" in output and "dvc repro -f train@dense" in output
+    assert not (tmp_path / "checkpoints" / "dense").exists()
+
+
+@pytest.mark.slow
+def test_stage_runs_into_the_local_store_when_told_to(
+    tmp_path: Path,
+    closed_port_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    write_digit_tables(tmp_path / "tables" / "gray8")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["views"] = {"gray8": {"height": 8, "width": 8, "color": "grayscale"}}
+    params["models"] = {"dense": "gray8", "cnn": "gray8", "numpy_mlp": "gray8"}
+    params["numpy_mlp"].update(hidden_units=[16], epochs=1)
+    params["tracking"].update(uri=closed_port_uri, on_unreachable="local")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    try:
+        train.main(
+            [
+                *("--model", "numpy_mlp", "--tables", "tables/gray8"),
+                *("--out", "models/numpy_mlp"),
+            ]
+        )
+    finally:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # Run.start set it globally; no other test may see it
+    output = capfd.readouterr().err
+    assert "unreachable" in output and "local store" in output
+    report = json.loads((tmp_path / "models" / "numpy_mlp" / "mlflow_run.json").read_text())
+    assert report["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert report["unlogged"] == []
