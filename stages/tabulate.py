@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from imgpipe.images import decode_image, is_system_file
+from imgpipe.images import decode_image, is_system_file, printable
 from imgpipe.params import ParamsError, ViewParams, load_params
-from imgpipe.runtime import atomic_directory, cpu_count, setup_logging
+from imgpipe.runtime import atomic_directory, cpu_count, setup_logging, write_json_atomic
 from imgpipe.splitting import SPLITS
 from imgpipe.tables import TableWriter, record_batch, table_schema
 
@@ -28,6 +28,8 @@ IMAGES_PER_TASK = 64
 # Tasks queued or running per worker: enough that the workers never wait while the parent
 # compresses a row group (~40 ms for 1,024 96x96 images), few enough to bound memory.
 TASKS_PER_WORKER = 4
+# Files that passed split's check but could not be decoded here (view, split, path, reason).
+SKIPPED_REPORT = "skipped.json"
 
 
 def split_files(split_dir: Path) -> list[str]:
@@ -153,7 +155,8 @@ def tabulate_split(
     per worker are in flight, so memory stays flat however many images there are. The table
     depends only on the files and rows_per_group, never on the number of workers or task size.
     """
-    schema = table_schema(view.shape, class_names, view_name)
+    # names are stored as valid UTF-8 (a folder not made by `split` may hold any bytes)
+    schema = table_schema(view.shape, [printable(c) for c in class_names], view_name)
     index_of = {name: i for i, name in enumerate(class_names)}
     view_key = (view.height, view.width, view.color)
     labels = np.array([index_of[s.split("/", 1)[0]] for s in sources], dtype=np.int16)
@@ -168,10 +171,11 @@ def tabulate_split(
         for task_number, (pixels, decoded, errors) in enumerate(results):
             offset = task_number * IMAGES_PER_TASK
             rows = np.asarray(decoded, dtype=np.int64) + offset
-            for group in buffer.add(pixels, labels[rows], [sources[i] for i in rows]):
+            for group in buffer.add(pixels, labels[rows], [printable(sources[i]) for i in rows]):
                 writer.write(record_batch(schema, *group))
             failures.extend(
-                (os.path.join(split_dir, sources[offset + i]), reason) for i, reason in errors
+                (printable(os.path.join(split_dir, sources[offset + i])), reason)
+                for i, reason in errors
             )
             progress.update(len(decoded) + len(errors))
         for group in buffer.flush():
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             ", ".join(params.views),
             workers,
         )
-        failures: list[tuple[str, str]] = []
+        failures: list[dict[str, str]] = []
         with (
             atomic_directory(args.out) as staging,
             tqdm(total=total, desc="tabulate", unit="img") as progress,
@@ -229,9 +233,20 @@ def main(argv: list[str] | None = None) -> None:
                         progress,
                         workers,
                     )
-                    failures.extend(failed)
-    for path, reason in failures:
-        log.warning("skipped %s: %s", path, reason)
+                    failures.extend(
+                        {"view": view_name, "split": split_name, "path": path, "reason": reason}
+                        for path, reason in failed
+                    )
+            # in the output, so that the report always goes with the tables it describes
+            write_json_atomic(staging / SKIPPED_REPORT, {"skipped": failures})
+    for failure in failures:
+        log.warning("skipped %s (%s): %s", failure["path"], failure["view"], failure["reason"])
+    if failures:
+        log.warning(
+            "%d image(s) could not be decoded and are not in the tables: see %s",
+            len(failures),
+            args.out / SKIPPED_REPORT,
+        )
     size_mb = sum(p.stat().st_size for p in args.out.rglob("*.parquet")) / 1e6
     elapsed = time.perf_counter() - started
     log.info(

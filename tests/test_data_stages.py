@@ -232,7 +232,10 @@ def test_duplicates_land_in_the_same_split(first_run: Run) -> None:
 
 def test_tables_have_a_row_per_image_in_their_split(first_run: Run) -> None:
     assert first_run.tables_dir is not None
-    assert sorted(p.name for p in first_run.tables_dir.iterdir()) == sorted(VIEWS)
+    listed = sorted(p.name for p in first_run.tables_dir.iterdir())
+    assert listed == sorted([*VIEWS, tabulate.SKIPPED_REPORT])
+    report = json.loads((first_run.tables_dir / tabulate.SKIPPED_REPORT).read_text())
+    assert report == {"skipped": []}  # split only passes on images that decode
     for view_name, view in VIEWS.items():
         channels = 1 if view["color"] == "grayscale" else 3
         for split_name in SPLITS:
@@ -317,6 +320,11 @@ def test_tables_do_not_depend_on_workers_or_task_size(
         table = read_table(one / view_name / "train.parquet")
         assert broken.name not in {s.rsplit("/", 1)[-1] for s in table.sources}
         assert table.sources == sorted(table.sources)  # file order, whatever finished first
+    report = json.loads((one / tabulate.SKIPPED_REPORT).read_text(encoding="utf-8"))
+    assert [(s["view"], s["split"], Path(s["path"]).name) for s in report["skipped"]] == [
+        (view_name, "train", broken.name) for view_name in VIEWS
+    ]
+    assert all(s["reason"] for s in report["skipped"])
 
 
 def test_split_files_lists_like_iter_split_files(tmp_path: Path) -> None:
