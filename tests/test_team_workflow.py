@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -165,7 +165,7 @@ class Team:
     artifacts: Path
     tracking_uri: str
     env: dict[str, str]  # MLFLOW_TRACKING_URI points at the server
-    repro_output: str
+    repro_output: str = field(repr=False)  # long: kept out of failure reports
     raw_files: int
 
 
