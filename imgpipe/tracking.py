@@ -279,12 +279,37 @@ class Run:
                     python_model=ImageClassifierModel(),
                     artifacts={"model": str(model_file), "meta": str(meta_file)},
                     pip_requirements=_requirements(),
+                    # the imgpipe package travels with the model, so `mlflow models serve` and
+                    # load_model work wherever keras, tensorflow and mlflow are installed
+                    code_paths=[str(Path(__file__).resolve().parent)],
                 )
 
         if not self._attempt("model (MLflow pyfunc)", log) and mlflow.active_run() is not None:
             # forget the half-opened fluent run locally; ending it remotely may fail too
             with contextlib.suppress(Exception):
                 mlflow.end_run("FAILED")
+
+    def register_model(
+        self, name: str, *, tags: Mapping[str, Any], description: str
+    ) -> mlflow.entities.model_registry.ModelVersion:
+        """Register this run's model as a version of `name` (created on first use), tagged.
+
+        A run registers once: evaluating the same run again updates its version's tags and
+        description instead of adding a version.
+        """
+        text_tags = {key: str(value) for key, value in tags.items()}
+        query = f"name = '{name}' and run_id = '{self.run_id}'"
+        existing = self.client.search_model_versions(query)
+        if existing:
+            version = existing[0]
+            for key, value in text_tags.items():
+                self.client.set_model_version_tag(name, version.version, key, value)
+        else:
+            version = mlflow.register_model(f"runs:/{self.run_id}/model", name, tags=text_tags)
+        self.client.update_model_version(name, version.version, description=description)
+        self.client.set_tag(self.run_id, "registered_model", f"{name}/{version.version}")
+        log.info("registered model version %s/%s in %s", name, version.version, self.uri)
+        return version
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run."""

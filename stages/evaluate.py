@@ -36,6 +36,11 @@ def grid_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(len(labels), size=min(count, len(labels)), replace=False))
 
 
+def registered_model_name(experiment: str, model: str) -> str:
+    """The MLflow registry name of a model: `<experiment>-<model>`, e.g. imgpipe-cnn."""
+    return f"{experiment}-{model}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Evaluate the model named on the command line on the test table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run_id = json.loads((args.model_dir / RUN_FILE).read_text())["run_id"]
     run = tracking.Run.resume(run_id, uri)
+    resumed = run is not None
     if run is None:
         log.warning(
             "MLflow run %s (from %s) is not in %s: logging the test results to a new run",
@@ -118,10 +124,22 @@ def main(argv: list[str] | None = None) -> None:
             data_hash=tracking.files_digest([args.tables / "test.parquet"]),
             params={"model": args.model, args.model: params.model_section(args.model).model_dump()},
         )
-    run.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
+    test_metrics = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    run.log_metrics(test_metrics)
     for name in plot_files:
         run.log_file(plots / name, "plots")
     run.log_file(args.metrics, "metrics")
+    registered = "not registered (the run that holds the model is in another store)"
+    if resumed:  # only the train stage's run holds the model
+        version = run.register_model(
+            registered_model_name(params.tracking.experiment, args.model),
+            tags={**test_metrics, "dataset": metrics["dataset"], "n_test": len(test.labels)},
+            description=(
+                f"{args.model} on {metrics['dataset']}: test accuracy {metrics['accuracy']:.4f}, "
+                f"f1 {metrics['f1']:.4f}, loss {metrics['loss']:.4f} on {len(test.labels)} images"
+            ),
+        )
+        registered = f"registered as {version.name} version {version.version}"
     run.finish()
     if run.unlogged:
         log.warning(
@@ -137,14 +155,22 @@ def main(argv: list[str] | None = None) -> None:
             args.model,
         )
     log.info(
-        "%s on %d test images: accuracy %.4f, loss %.4f, f1 %.4f; wrote %s and %s/ in %.1f s",
+        "%s on %d test images: accuracy %.4f, loss %.4f, f1 %.4f",
         args.model,
         len(test.labels),
         metrics["accuracy"],
         metrics["loss"],
         metrics["f1"],
+    )
+    log.info(
+        "read %s and %s; wrote %s and %d files to %s/; MLflow run %s %s; %.1f s",
+        args.model_dir,
+        args.tables / "test.parquet",
         args.metrics,
+        len(plot_files),
         plots,
+        run.run_id,
+        registered,
         time.perf_counter() - started,
     )
 

@@ -173,12 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - started
     totals = ", ".join(f"{s} {len(split.assigned[s])}" for s in SPLITS)
     log.info(
-        "%s: %d classes; %s images (%.1f MB) written to %s in %.1f s",
-        report["dataset"],
+        "read %d files from %s; wrote %d classes (%s images, %.1f MB) to %s and %s in %.1f s",
+        len(all_files),
+        raw,
         len(labels),
         totals,
         written / 1e6,
         args.out,
+        args.report,
         elapsed,
     )
     if skipped:

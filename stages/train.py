@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import time
 from pathlib import Path
 
 from imgpipe.checkpoints import TrainingCheckpoint, fingerprint
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     log = setup_logging(f"train@{args.model}")
+    started = time.perf_counter()
     try:
         params = load_params()
         section = params.model_section(args.model)
@@ -189,6 +191,18 @@ def main(argv: list[str] | None = None) -> None:
         f"{result.parameters:,}",
         ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
         args.out,
+    )
+    log.info(
+        "read %s and %s; wrote %s/ (%s, %s, %s, %s); MLflow run %s; %.1f s",
+        train_path,
+        val_path,
+        args.out,
+        model_file.name,
+        META_FILE,
+        HISTORY_CSV,
+        RUN_FILE,
+        run.run_id,
+        time.perf_counter() - started,
     )
 
 

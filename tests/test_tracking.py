@@ -358,3 +358,31 @@ def test_logged_model_reports_bad_image_values_per_row(
         assert frame.loc[row, "error"]
     assert "base64" in frame.loc[1, "error"].lower()
     assert "NoneType" in frame.loc[2, "error"]
+
+
+def test_register_model_adds_one_tagged_version_per_run(store: str, tmp_path: Path) -> None:
+    folder = tmp_path / "numpy_mlp"
+    folder.mkdir()
+    NumpyMLP([VIEW["height"] * VIEW["width"], 4, 2], output="softmax", init="he", seed=3).save(
+        folder / NUMPY_FILE
+    )
+    meta = ModelMeta(model="numpy_mlp", kind="numpy", class_names=CLASS_NAMES, **VIEW)
+    (folder / META_FILE).write_text(json.dumps(meta.to_json()))
+    run = start_run(store, model_name="numpy_mlp")
+    run.log_model(folder / NUMPY_FILE, folder / META_FILE)
+    name = f"registry-test-{uuid.uuid4().hex[:8]}"
+
+    first = run.register_model(name, tags={"test_accuracy": 0.5}, description="first")
+    again = run.register_model(name, tags={"test_accuracy": 0.75}, description="again")
+
+    client = MlflowClient(tracking_uri=store)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [v.version for v in versions] == [first.version] == [again.version]
+    version = client.get_model_version(name, first.version)
+    assert version.run_id == run.run_id
+    assert version.tags["test_accuracy"] == "0.75"
+    assert version.description == "again"
+    assert client.get_run(run.run_id).data.tags["registered_model"] == f"{name}/{first.version}"
+    # the package travels with the model: a serving machine needs no imgpipe install
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{first.version}"))
+    assert (local / "code" / "imgpipe" / "classifier.py").is_file()

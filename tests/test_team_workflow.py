@@ -1,0 +1,546 @@
+"""The team workflow for real: a DVC remote, queued experiments, an MLflow server, the MLflow UI
+in headless Chromium and `mlflow models serve`, all started on 127.0.0.1 in temporary folders.
+
+One module-scoped project: raw digits added with `dvc add`, `dvc repro` logging to a real
+`mlflow server`, `dvc push` to a local-directory remote. The tests then clone it, pull, queue
+experiments, serve the registered model and open the UI against that one server.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODELS = ("dense", "numpy_mlp")
+EXPERIMENT = "imgpipe"
+PER_CLASS = 30  # raw digits per class: 300 images, 30 of them test images
+VARIATIONS = (  # queued experiments: each retrains numpy_mlp only (no TensorFlow, seconds each)
+    ["-S", "numpy_mlp.learning_rate=0.003"],
+    ["-S", "numpy_mlp.learning_rate=0.03"],
+    ["-S", "numpy_mlp.hidden_units=[16]"],
+)
+SCREENSHOT = ROOT / "docs" / "mlflow-compare.png"
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
+    """Run a command, fail the test with its output if it fails, return stdout+stderr."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+def stages_run(output: str) -> set[str]:
+    """Stage names that `dvc repro` / `dvc exp run` output says it ran."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    """True when GET url answers 200 within 5 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+@contextmanager
+def serving(
+    args: list[str], *, cwd: Path, env: dict[str, str], ready_url: str, timeout: float
+) -> Iterator[subprocess.Popen]:
+    """Start a server in its own process group, wait (bounded) for ready_url, always stop it."""
+    log_path = cwd / f"{Path(args[0]).name}-{args[1]}-{int(time.time() * 1000)}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not http_ok(ready_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                state = "exited" if process.poll() is not None else f"not ready after {timeout} s"
+                pytest.fail(f"{' '.join(args)} {state}:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield process
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the process group (the server and its workers), SIGKILL it after 20 s."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+
+
+def base_env() -> dict[str, str]:
+    """This environment without MLflow/DVC settings, with this venv's commands first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    return env
+
+
+def small_params(path: Path) -> None:
+    """Two cheap models on one 16x16 view of the raw digits."""
+    params = yaml.safe_load(path.read_text())
+    params["data"]["raw"] = "data/raw/digits"
+    params["views"] = {"gray16": {"height": 16, "width": 16, "color": "grayscale"}}
+    params["models"] = dict.fromkeys(MODELS, "gray16")
+    params["dense"].update(hidden_units=[32], epochs=3, learning_rate=0.01)
+    params["numpy_mlp"].update(hidden_units=[32], epochs=3, learning_rate=0.01)
+    params["tabulate"]["workers"] = 2
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def write_raw_digits(folder: Path) -> int:
+    """The first PER_CLASS of scikit-learn's digits of each class as PNG class folders."""
+    from stages.demo import digits_images, png_bytes
+
+    pixels, labels = digits_images()
+    written = 0
+    for digit in range(10):
+        (folder / str(digit)).mkdir(parents=True)
+        for index in (labels == digit).nonzero()[0][:PER_CLASS]:
+            (folder / str(digit) / f"{index:04d}.png").write_bytes(png_bytes(pixels[index]))
+            written += 1
+    return written
+
+
+@dataclass(frozen=True)
+class Team:
+    """The shared project: its git repository, DVC remote, MLflow server and environment."""
+
+    origin: Path
+    remote: Path
+    artifacts: Path
+    tracking_uri: str
+    env: dict[str, str]  # MLFLOW_TRACKING_URI points at the server
+    repro_output: str = field(repr=False)  # long: kept out of failure reports
+    raw_files: int
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` with a SQLite backend and a local artifact store, on a free port."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    # no background job workers (GenAI scorers): a dozen idle processes on a 2-core machine
+    env = {**base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with serving(args, cwd=folder, env=env, ready_url=f"{url}/health", timeout=240):
+        yield url, folder / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory, mlflow_server: tuple[str, Path]) -> Team:
+    """The project with `dvc add`ed raw data, one `dvc repro` logged to the server, pushed."""
+    url, artifacts = mlflow_server
+    origin = tmp_path_factory.mktemp("origin")
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, origin / name)
+    for folder in ("stages", "imgpipe"):
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(ROOT / folder, origin / folder, ignore=ignore)
+    (origin / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", origin / ".dvc" / "config")
+    shutil.copy(ROOT / ".dvc" / ".gitignore", origin / ".dvc" / ".gitignore")
+    small_params(origin / "params.yaml")
+    raw_files = write_raw_digits(origin / "data" / "raw" / "digits")
+    env = base_env()
+    run(["git", "init", "-q", "-b", "main"], origin, env)
+    run(["dvc", "add", "data/raw/digits"], origin, env)
+    run(["dvc", "remote", "add", "-d", "storage", str(remote)], origin, env)
+    run(["git", "add", "-A"], origin, env)
+    run(["git", "commit", "-q", "-m", "project with raw digits"], origin, env)
+    env = {**env, "MLFLOW_TRACKING_URI": url}
+    output = run(["dvc", "repro"], origin, env)
+    (remote.parent / "origin-repro.log").write_text(output)  # for a reader of a failure
+    run(["git", "add", "-A"], origin, env)
+    run(["git", "commit", "-q", "-m", "dvc repro"], origin, env)
+    run(["dvc", "push"], origin, env)
+    return Team(origin, remote, artifacts, url, env, output, raw_files)
+
+
+def run_id_of(repo: Path, model: str) -> str:
+    """The MLflow run id that train@<model> wrote next to the model."""
+    return json.loads((repo / "models" / model / "mlflow_run.json").read_text())["run_id"]
+
+
+# --------------------------------------------------------------------------- 3. MLflow server
+
+
+def test_repro_logs_runs_metrics_plots_and_models_to_the_server(team: Team) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=team.tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
+    params = yaml.safe_load((team.origin / "params.yaml").read_text())
+    commit = run(["git", "rev-parse", "HEAD~1"], team.origin, team.env).strip()
+    for model in MODELS:
+        run_id = run_id_of(team.origin, model)
+        found = client.get_run(run_id)
+        assert found.info.status == "FINISHED"
+        assert found.info.run_name == f"{model}-{commit[:7]}"
+        assert found.data.tags["model"] == model
+        assert found.data.params["view.height"] == "16"
+        assert found.data.params[f"{model}.epochs"] == str(params[model]["epochs"])
+        assert found.data.params["n_train"] == str(int(team.raw_files * 0.8))
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            steps = [m.step for m in client.get_metric_history(run_id, key)]
+            assert steps == list(range(params[model]["epochs"])), key
+        metrics_file = json.loads((team.origin / "metrics" / f"{model}.json").read_text())
+        for key in ("accuracy", "loss", "f1", "precision", "recall"):
+            assert found.data.metrics[f"test_{key}"] == pytest.approx(metrics_file[key])
+        plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+        for png in ("confusion.png", "history.png", "predictions.png"):
+            assert f"plots/{png}" in plots
+        assert {a.path for a in client.list_artifacts(run_id, "metrics")} == {
+            f"metrics/{model}.json"
+        }
+        models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+        assert any(m.source_run_id == run_id for m in models), f"no logged model for {model}"
+    # the artifacts went through the server into its artifact store on disk
+    assert list(team.artifacts.rglob("confusion.png"))
+    assert list(team.artifacts.rglob("MLmodel"))
+
+
+# --------------------------------------------------------------------------- 1. DVC remote
+
+
+def test_fresh_clone_pulls_data_tables_and_models_and_has_nothing_to_do(
+    team: Team, tmp_path: Path
+) -> None:
+    env = base_env()  # no tracking server: a clone must not need one when nothing reruns
+    assert "in sync" in run(["dvc", "status", "--cloud"], team.origin, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(team.origin), str(clone)], tmp_path, env)
+    tracked = run(["git", "ls-files"], clone, env).split()
+    assert "data/raw/digits.dvc" in tracked and "dvc.lock" in tracked
+    assert not (clone / "data" / "raw" / "digits").exists()
+    assert not (clone / "models" / "dense").exists()
+
+    run(["dvc", "pull"], clone, env)
+
+    pulled_raw = sorted((clone / "data" / "raw" / "digits").rglob("*.png"))
+    assert len(pulled_raw) == team.raw_files
+    for relative in (
+        "data/tables/gray16/train.parquet",
+        "data/tables/gray16/test.parquet",
+        "data/split-report.json",
+        "models/dense/model.keras",
+        "models/numpy_mlp/model.npz",
+        "plots/dense/confusion.png",
+    ):
+        assert (clone / relative).read_bytes() == (team.origin / relative).read_bytes(), relative
+    assert "up to date" in run(["dvc", "status"], clone, env)
+    assert stages_run(run(["dvc", "repro"], clone, env)) == set()
+    # the pulled results are enough for the plots page too
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "dvc_plots")], clone, env)
+    page = (tmp_path / "dvc_plots" / "index.html").read_text()
+    assert "Loss per epoch" in page and "predictions.png" in page
+
+
+# --------------------------------------------------------------------------- 5. registry, serving
+
+
+def png_base64(pixels) -> str:
+    """A (H, W) uint8 array as base64 PNG text, as a JSON request carries it."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_registered_model_is_served_over_http(team: Team, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=team.tracking_uri)
+    name = f"{EXPERIMENT}-dense"
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert version.run_id == run_id_of(team.origin, "dense")
+    test_metrics = json.loads((team.origin / "metrics" / "dense.json").read_text())
+    assert float(version.tags["test_accuracy"]) == pytest.approx(test_metrics["accuracy"])
+    assert version.tags["n_test"] == str(test_metrics["n_test"])
+
+    port = free_port()
+    args = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{name}/{version.version}",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = {k: v for k, v in team.env.items() if k != "PYTHONPATH"}
+    from stages.demo import digits_images
+
+    pixels, labels = digits_images()
+    images = [png_base64(pixels[i]) for i in range(4)]
+    request = {
+        "dataframe_split": {
+            "columns": ["image"],
+            "data": [[image] for image in images] + [["bm90IGFuIGltYWdl"]],  # "not an image"
+        }
+    }
+    url = f"http://127.0.0.1:{port}"
+    with serving(args, cwd=tmp_path, env=env, ready_url=f"{url}/ping", timeout=240):
+        answer = urllib.request.urlopen(
+            urllib.request.Request(
+                f"{url}/invocations",
+                data=json.dumps(request).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=60,
+        )
+        predictions = json.loads(answer.read())["predictions"]
+    assert len(predictions) == len(images) + 1
+    for row in predictions[:-1]:
+        assert row["label"] in {str(d) for d in range(10)}
+        assert 0.0 < row["probability"] <= 1.0
+        assert row["error"] is None
+    assert predictions[-1]["label"] is None and predictions[-1]["error"]
+    answers = [row["label"] for row in predictions[:-1]]
+    correct = sum(answer == str(label) for answer, label in zip(answers, labels[:4], strict=True))
+    assert correct >= 1, (answers, labels[:4])  # a trained model, not random weights
+
+
+# --------------------------------------------------------------------------- 2. experiments
+
+
+@pytest.fixture(scope="module")
+def experiments(team: Team) -> dict[str, dict]:
+    """Three queued variations, run from the queue: {experiment name: its `dvc exp show` row}."""
+    for variation in VARIATIONS:
+        run(["dvc", "exp", "run", "--queue", *variation], team.origin, team.env)
+    output = run(["dvc", "exp", "run", "--run-all"], team.origin, team.env, timeout=900)
+    (team.remote.parent / "origin-exp-run.log").write_text(output)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], team.origin, team.env))
+    rows = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for revision in experiment["revs"]:
+                rows[revision["name"]] = revision
+    return rows
+
+
+def params_of(row: dict) -> dict:
+    """params.yaml as `dvc exp show --json` reports it for one experiment."""
+    return row["data"]["params"]["params.yaml"]["data"]
+
+
+def test_queued_experiments_show_params_metrics_and_mlflow_runs(
+    team: Team, experiments: dict[str, dict]
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    assert len(experiments) == len(VARIATIONS)
+    variations = [params_of(row)["numpy_mlp"] for row in experiments.values()]
+    learning_rates = sorted(v["learning_rate"] for v in variations)
+    assert learning_rates == [0.003, 0.01, 0.03]
+    assert [16] in [v["hidden_units"] for v in variations]
+    client = MlflowClient(tracking_uri=team.tracking_uri)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    for name, row in experiments.items():
+        assert row.get("error") is None, row
+        shown_metrics = row["data"]["metrics"]["metrics/numpy_mlp.json"]["data"]
+        assert 0.0 <= shown_metrics["accuracy"] <= 1.0
+        (mlflow_run,) = client.search_runs(
+            [experiment_id], filter_string=f"tags.dvc_experiment = '{name}'"
+        )
+        assert mlflow_run.info.run_name == f"numpy_mlp-{name}"  # only numpy_mlp reran
+        assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(shown_metrics["accuracy"])
+        variation = params_of(row)["numpy_mlp"]
+        assert mlflow_run.data.params["numpy_mlp.learning_rate"] == str(variation["learning_rate"])
+    versions = client.search_model_versions(f"name = '{EXPERIMENT}-numpy_mlp'")
+    assert len(versions) == 1 + len(VARIATIONS)  # the baseline and one per experiment
+    # every queued run reran train@numpy_mlp and evaluate@numpy_mlp and nothing else
+    log = (team.remote.parent / "origin-exp-run.log").read_text()
+    assert stages_run(log) == {"train@numpy_mlp", "evaluate@numpy_mlp"}
+
+
+def test_exp_apply_and_exp_branch(team: Team, experiments: dict[str, dict]) -> None:
+    name, row = next(
+        (n, r) for n, r in experiments.items() if params_of(r)["numpy_mlp"]["hidden_units"] == [16]
+    )
+    run(["dvc", "exp", "branch", name, "hidden16"], team.origin, team.env)
+    on_branch = yaml.safe_load(run(["git", "show", "hidden16:params.yaml"], team.origin, team.env))
+    assert on_branch["numpy_mlp"]["hidden_units"] == [16]
+
+    run(["dvc", "exp", "apply", name], team.origin, team.env)
+    applied = yaml.safe_load((team.origin / "params.yaml").read_text())
+    assert applied["numpy_mlp"]["hidden_units"] == [16]
+    metrics = json.loads((team.origin / "metrics" / "numpy_mlp.json").read_text())
+    shown = row["data"]["metrics"]["metrics/numpy_mlp.json"]["data"]
+    assert metrics["accuracy"] == pytest.approx(shown["accuracy"])
+    assert "up to date" in run(["dvc", "status"], team.origin, team.env)
+    run(["git", "checkout", "-q", "--", "."], team.origin, team.env)  # back to the baseline
+    run(["dvc", "checkout", "--force"], team.origin, team.env)
+
+
+# --------------------------------------------------------------------------- 4. MLflow UI
+
+
+def chromium_paths() -> tuple[str, str]:
+    """Debian's chromium and chromedriver; skipped here when absent, a failure under CI."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser and driver:
+        return browser, driver
+    message = "needs Debian's chromium and chromium-driver packages (apt-get install ...)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def visible_texts(driver, texts: list[str]) -> list[str]:
+    """Those of `texts` that no displayed element of the page shows as its whole text."""
+    missing = []
+    for text in texts:
+        elements = driver.find_elements("xpath", f"//*[normalize-space(text())='{text}']")
+        if not any(element.is_displayed() for element in elements):
+            missing.append(text)
+    return missing
+
+
+def click_if_shown(driver, xpath: str) -> bool:
+    """Click the first displayed element matching xpath; False when there is none."""
+    for element in driver.find_elements("xpath", xpath):
+        if element.is_displayed():
+            driver.execute_script("arguments[0].click();", element)
+            return True
+    return False
+
+
+def test_mlflow_ui_compares_runs_in_headless_chromium(
+    team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    browser, driver_path = chromium_paths()
+    from mlflow.tracking import MlflowClient
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(tracking_uri=team.tracking_uri)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([experiment_id], filter_string="tags.model = 'numpy_mlp'")
+    assert len(runs) >= 2
+    run_ids = json.dumps([r.info.run_id for r in runs], separators=(",", ":"))
+    query = urllib.parse.urlencode(
+        {"runs": run_ids, "experiments": json.dumps([experiment_id])}, quote_via=urllib.parse.quote
+    )
+    page = f"{team.tracking_uri}/#/compare-runs?{query}"
+    run_names = [r.info.run_name for r in runs]
+    metric_names = ["accuracy", "loss", "test_accuracy", "test_f1"]
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # root in a container has no user namespace sandbox
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1200",
+    ):
+        options.add_argument(argument)
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    shot = tmp_path / "mlflow-compare.png"
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(page)
+        try:
+            WebDriverWait(driver, 60, poll_frequency=1).until(
+                lambda d: not visible_texts(d, run_names[:1])
+            )
+        except Exception:
+            driver.save_screenshot(str(tmp_path / "failed.png"))
+            body = driver.find_element("tag name", "body").text
+            pytest.fail(f"no run names on {page} after 60 s; page text:\n{body[:3000]}")
+        # a clean view for the picture: no assistant panel, no charts, only differing params
+        click_if_shown(driver, "//button[@aria-label='Close']")
+        click_if_shown(driver, "//div[@role='button'][normalize-space(.)='Visualizations']")
+        click_if_shown(driver, "//button[@aria-label='Parameters - Show diff only']")
+        row = driver.find_element("xpath", "//*[normalize-space(text())='Run Name:']")
+        driver.execute_script("arguments[0].scrollIntoView();", row)
+        time.sleep(1)  # let the toggles re-render before looking and taking the picture
+        missing = visible_texts(driver, [*run_names, "numpy_mlp.learning_rate", *metric_names])
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    assert not missing, f"not visible on {page}: {missing} (see {shot})"
+    if os.environ.get("IMGPIPE_UPDATE_SCREENSHOT"):  # refresh the README's picture
+        with Image.open(shot) as image:
+            image.convert("RGB").quantize(colors=64).save(SCREENSHOT, optimize=True)
