@@ -291,25 +291,33 @@ class Run:
 
     def register_model(
         self, name: str, *, tags: Mapping[str, Any], description: str
-    ) -> mlflow.entities.model_registry.ModelVersion:
+    ) -> mlflow.entities.model_registry.ModelVersion | None:
         """Register this run's model as a version of `name` (created on first use), tagged.
 
         A run registers once: evaluating the same run again updates its version's tags and
-        description instead of adding a version.
+        description instead of adding a version. Returns None when the registry could not be
+        reached: like every other logging call, that is reported, never raised.
         """
         text_tags = {key: str(value) for key, value in tags.items()}
-        query = f"name = '{name}' and run_id = '{self.run_id}'"
-        existing = self.client.search_model_versions(query)
-        if existing:
-            version = existing[0]
-            for key, value in text_tags.items():
-                self.client.set_model_version_tag(name, version.version, key, value)
-        else:
-            version = mlflow.register_model(f"runs:/{self.run_id}/model", name, tags=text_tags)
-        self.client.update_model_version(name, version.version, description=description)
-        self.client.set_tag(self.run_id, "registered_model", f"{name}/{version.version}")
-        log.info("registered model version %s/%s in %s", name, version.version, self.uri)
-        return version
+        registered: list[mlflow.entities.model_registry.ModelVersion] = []
+
+        def register() -> None:
+            query = f"name = '{name}' and run_id = '{self.run_id}'"
+            existing = self.client.search_model_versions(query)
+            if existing:
+                version = existing[0]
+                for key, value in text_tags.items():
+                    self.client.set_model_version_tag(name, version.version, key, value)
+            else:
+                version = mlflow.register_model(f"runs:/{self.run_id}/model", name, tags=text_tags)
+            self.client.update_model_version(name, version.version, description=description)
+            self.client.set_tag(self.run_id, "registered_model", f"{name}/{version.version}")
+            registered.append(version)
+
+        if not self._attempt(f"model registry version of {name}", register):
+            return None
+        log.info("registered model version %s/%s in %s", name, registered[0].version, self.uri)
+        return registered[0]
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run."""

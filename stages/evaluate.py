@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"f1 {metrics['f1']:.4f}, loss {metrics['loss']:.4f} on {len(test.labels)} images"
             ),
         )
-        registered = f"registered as {version.name} version {version.version}"
+        if version is not None:
+            registered = f"registered as {version.name} version {version.version}"
+        else:
+            registered = "not registered (the registry could not be reached: see above)"
     run.finish()
     if run.unlogged:
         log.warning(

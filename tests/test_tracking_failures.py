@@ -112,12 +112,14 @@ def test_run_records_what_it_could_not_log(
     run = tracking.Run("0" * 32, closed_port_uri)
     run.log_epoch(0, {"loss": 1.0})
     run.log_metrics({"train_seconds": 3.0})
+    assert run.register_model("imgpipe-dense", tags={"test_accuracy": 0.9}, description="") is None
     run.finish()
     report = run.report()
     assert report["logging_error"]
     assert report["unlogged"] == [
         "metrics loss at step 0",
         "metrics train_seconds",
+        "model registry version of imgpipe-dense",
         "run status FINISHED",
     ]
 
