@@ -250,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     size_mb = sum(p.stat().st_size for p in args.out.rglob("*.parquet")) / 1e6
     elapsed = time.perf_counter() - started
     log.info(
-        "wrote %d rows (%.1f MB) to %s in %.1f s (%.0f images/s)",
+        "read %d images from %s; wrote %d rows (%.1f MB) to %s in %.1f s (%.0f images/s)",
+        total // len(params.views),
+        args.split,
         total - len(failures),
         size_mb,
         args.out,
