@@ -461,6 +461,7 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
     from imgpipe.models import build_dense, build_optimizer
     from imgpipe.params import load_params
     from imgpipe.tables import ParquetBatches, read_table
+    from imgpipe.training import epoch_order
 
     params = load_params(project / "params.yaml")
     dense = params.dense
@@ -515,17 +516,24 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
         others[name] += _machine_busy_seconds() - busy - (sum(me.cpu_times()[:2]) - mine)
         return seconds
 
-    def fit_arrays(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
-        model.fit(x, y, batch_size=dense.batch_size, epochs=1, shuffle=True, verbose=0)
+    def fit_arrays(model: keras.Model, x: np.ndarray, y: np.ndarray, shuffle: bool) -> None:
+        model.fit(x, y, batch_size=dense.batch_size, epochs=1, shuffle=shuffle, verbose=0)
+
+    epochs_run = [0]
 
     def epoch(name: str) -> float:
-        if name == "memory":  # the data already in memory: the fastest any input path can be
-            return timed(name, lambda: fit_arrays(models[name], x_train, y_train))
-        if name == "stage":  # what stages/train.py does: read the table, fit on its uint8 pixels
+        if name == "memory":  # the data already in memory, Keras shuffles: the fastest path
+            return timed(name, lambda: fit_arrays(models[name], x_train, y_train, shuffle=True))
+        if name == "stage":
+            # what imgpipe.training.train_keras does in the train stage: read the table, take
+            # the epoch's reproducible order (a uint8 gather), fit on it unshuffled
 
             def read_and_fit() -> None:
                 table = read_table(train_path, with_sources=False)
-                fit_arrays(models[name], table.pixels, table.labels)
+                order = epoch_order(len(table.labels), params.train.seed, epochs_run[0])
+                epochs_run[0] += 1
+                x, y = table.pixels[order], table.labels[order]
+                fit_arrays(models[name], x, y, shuffle=False)
 
             return timed(name, read_and_fit)
         return timed(name, lambda: models[name].fit(feed, epochs=1, verbose=0))
@@ -546,7 +554,7 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
     n = len(y_train)
     labels = {
         "memory": "in-memory uint8 array (baseline)",
-        "stage": "Parquet table, read as the train stage does (read included)",
+        "stage": "Parquet table, as the train stage reads and shuffles it",
         "stream": "Parquet row groups streamed (ParquetBatches)",
     }
     print_table(
