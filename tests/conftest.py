@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,27 @@ REPO_ROOT = Path(__file__).parents[1]
 EXIF_ORIENTATION = 0x0112
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_uri_leaks() -> Iterator[None]:
+    """Every test starts and ends with the MLflow tracking URI it found.
+
+    mlflow.set_tracking_uri (called by Run.start and by tests) sets MLflow's global URI and the
+    MLFLOW_TRACKING_URI variable, which imgpipe.tracking reads first: left behind, it would send
+    a later test's runs, or its checks, to an earlier test's store.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    after = os.environ.get("MLFLOW_TRACKING_URI")
+    if after != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # None: back to MLflow's default, variable cleared
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def encode(image: Image.Image, image_format: str, **options: Any) -> bytes:
