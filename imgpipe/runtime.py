@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -59,8 +61,11 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name; it replaces `path` only if the block succeeds.
 
-    A process killed at any moment (SIGKILL included) leaves `path` either absent, or the old
-    complete directory, or the new complete one; never a mix. Leftover `.<name>.partial` and
+    A process killed at any moment (SIGKILL included) leaves `path` as the old complete
+    directory or the new complete one, never a mix: on Linux the two are swapped in one
+    renameat2(RENAME_EXCHANGE) call, so once a complete directory exists `path` is never
+    absent. Where that call is missing, the old directory is renamed aside first, and a kill in
+    the instant between the two renames leaves `path` absent. Leftover `.<name>.partial` and
     `.<name>.old` siblings are debris that the next call removes.
     """
     path = Path(path)
@@ -75,7 +80,41 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    if path.is_dir() and not path.is_symlink() and _exchange(partial, path):
+        shutil.rmtree(partial, ignore_errors=True)  # partial now holds the old directory
+        return
     if path.exists() or path.is_symlink():
         os.replace(path, old)  # one rename: never a half-deleted old output under the real name
     os.replace(partial, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 with RENAME_EXCHANGE).
+
+    False where the C library or the file system does not offer it; other errors are raised.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library older than glibc 2.28
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
