@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows: list[tuple[str, str, str]] = []
     failures = 0
+    printing = True  # False once the reader of stdout has gone away (`| head`)
     for start in range(0, len(paths), args.batch_size):
         batch = paths[start : start + args.batch_size]
         readable: list[Path] = []
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             label, probability = result
             rows.append((str(path), label, f"{probability:.4f}"))
-            print(f"{path},{label},{probability:.4f}", flush=True)
+            if printing:
+                printing = _print_row(f"{path},{label},{probability:.4f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("w", newline="") as handle:
@@ -86,6 +88,22 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 1 if failures and not rows else 0
+
+
+def _print_row(line: str) -> bool:
+    """Print one result line; False when stdout's reader has gone away (e.g. `| head -3`).
+
+    Then stdout is pointed at /dev/null, so that Python's final flush does not fail either, and
+    the command goes on: it still classifies every file and writes --out.
+    """
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
+    return True
 
 
 if __name__ == "__main__":

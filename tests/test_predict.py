@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -191,3 +193,26 @@ def test_predict_rejects_a_batch_size_below_one(
         main([str(model_dir), str(image_dir), "--batch-size", batch_size])
     assert raised.value.code == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_predict_stops_printing_quietly_when_the_reader_goes_away(
+    model_dir: Path, tmp_path: Path, image_factory: Callable[[str, int], bytes]
+) -> None:
+    """`imgpipe-predict ... | head -1`: no BrokenPipeError traceback, --out still complete."""
+    images = tmp_path / "many"
+    images.mkdir()
+    for index in range(2000):  # more lines than a pipe buffers once the reader has gone
+        (images / f"{index:04d}.png").write_bytes(image_factory("gray.png", index))
+    out_csv = tmp_path / "out.csv"
+    command = [sys.executable, "-m", "imgpipe.predict", str(model_dir), str(images)]
+    command += ["--out", str(out_csv), "--batch-size", "50"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    first = process.stdout.readline()
+    process.stdout.close()  # the reader goes away, as `head -1` does
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    assert process.wait(timeout=120) == 0, stderr
+    assert first.decode().startswith(str(images))
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+    with out_csv.open(newline="") as handle:
+        assert len(list(csv.reader(handle))) == 2001  # header + every image
