@@ -590,11 +590,14 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
     print(
         f"reading the whole training table: {reading:.2f} s ({reading / base_best:.1%} of an epoch)"
     )
-    stage_slower = statistics.median(times["stage"]) / base_median - 1
+    # Best epochs, as timeit compares: on this 2-vCPU machine an epoch of any feed takes either
+    # about 11 or about 21 s, at random, which swamps medians of a few epochs; the fastest epoch
+    # of each feed is the one no outside slowdown hit.
+    stage_slower = min(times["stage"]) / base_best - 1
     check(
         "an epoch fed from Parquet (the train stage's path) within 5% of one from memory",
         stage_slower <= 0.05,
-        f"{stage_slower:+.1%} (median)",
+        f"{stage_slower:+.1%} (best epochs; reading the table alone is {reading / base_best:.1%})",
     )
 
 
