@@ -458,10 +458,9 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
     import keras
     import numpy as np
 
-    from imgpipe.models import build_dense, build_optimizer
     from imgpipe.params import load_params
     from imgpipe.tables import ParquetBatches, read_table
-    from imgpipe.training import epoch_order
+    from imgpipe.training import compiled_model, epoch_order
 
     params = load_params(project / "params.yaml")
     dense = params.dense
@@ -487,23 +486,12 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
         def on_epoch_end(self) -> None:
             self.batches.on_epoch_end()
 
-    def compiled_model() -> keras.Model:
+    def fresh_model() -> keras.Model:
         keras.utils.set_random_seed(params.train.seed)
-        model = build_dense(tuple(x_train.shape[1:]), num_classes, dense)
-        model.compile(
-            optimizer=build_optimizer(
-                dense.optimizer,
-                learning_rate=dense.learning_rate,
-                decay_steps=dense.decay_steps,
-                decay_rate=dense.decay_rate,
-            ),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        return model
+        return compiled_model("dense", dense, tuple(x_train.shape[1:]), num_classes)
 
     feed = KerasParquetBatches(ParquetBatches(train_path, dense.batch_size, seed=params.train.seed))
-    models = {name: compiled_model() for name in ("memory", "stage", "stream")}
+    models = {name: fresh_model() for name in ("memory", "stage", "stream")}
 
     me = psutil.Process()
     others = dict.fromkeys(models, 0.0)

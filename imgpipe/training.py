@@ -85,6 +85,35 @@ def restore_training_state(model: keras.Model, arrays: dict[str, np.ndarray]) ->
         variable.assign(arrays[name])
 
 
+def compiled_model(
+    model_name: str,
+    params: DenseParams | CnnParams,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+) -> keras.Model:
+    """A registered Keras model built in its params' precision and compiled as training does."""
+    import keras
+
+    from imgpipe.models import build_model, build_optimizer
+
+    keras.mixed_precision.set_dtype_policy(getattr(params, "precision", "float32"))
+    try:
+        model = build_model(model_name, input_shape, num_classes, params)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    model.compile(
+        optimizer=build_optimizer(
+            params.optimizer,
+            learning_rate=params.learning_rate,
+            decay_steps=params.decay_steps,
+            decay_rate=params.decay_rate,
+        ),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def train_keras(
     model_name: str,
     params: DenseParams | CnnParams,
@@ -107,25 +136,8 @@ def train_keras(
     """
     import keras
 
-    from imgpipe.models import build_model, build_optimizer
-
     seed_everything(seed)
-    precision = getattr(params, "precision", "float32")
-    keras.mixed_precision.set_dtype_policy(precision)
-    try:
-        model = build_model(model_name, tuple(x_train.shape[1:]), num_classes, params)
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
-    model.compile(
-        optimizer=build_optimizer(
-            params.optimizer,
-            learning_rate=params.learning_rate,
-            decay_steps=params.decay_steps,
-            decay_rate=params.decay_rate,
-        ),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    model = compiled_model(model_name, params, tuple(x_train.shape[1:]), num_classes)
     model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
     history: dict[str, list[float]] = {}
     first_epoch, earlier_seconds = 0, 0.0
