@@ -12,7 +12,8 @@ import multiprocessing
 import os
 from pathlib import Path
 
-from stages.tabulate import IMAGES_PER_TASK, chunks, decode_chunk, split_files
+from imgpipe.images import split_files
+from stages.tabulate import IMAGES_PER_TASK, chunks, decode_chunk
 
 
 def _decode_count(job: tuple[list[str], tuple[int, int, str]]) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -272,10 +273,18 @@ def _decode_plain_jpeg(data: bytes, height: int, width: int, color: str) -> np.n
     return np.asarray(image).reshape(height, width, pixels.shape[2])
 
 
-def iter_split_files(split_dir: str | Path) -> Iterator[tuple[str, Path]]:
-    """(class name, file path) for every file under split_dir/<class>/, sorted."""
+def split_files(split_dir: str | Path) -> list[str]:
+    """`<class>/<file name>` of every file under split_dir/<class>/, sorted by class and name.
+
+    One directory scan per class, short strings, no stat and no Path object per file: 100,000
+    names take a few MB and list in a fraction of a second.
+    """
     split_dir = Path(split_dir)
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        for path in sorted(class_dir.iterdir()):
-            if path.is_file() and not is_system_file(path.name):
-                yield class_dir.name, path
+    with os.scandir(split_dir) as entries:
+        class_names = sorted(entry.name for entry in entries if entry.is_dir())
+    sources: list[str] = []
+    for label in class_names:
+        with os.scandir(split_dir / label) as entries:
+            names = sorted(e.name for e in entries if e.is_file() and not is_system_file(e.name))
+        sources.extend(f"{label}/{name}" for name in names)
+    return sources

@@ -17,7 +17,7 @@ from imgpipe.images import (
     check_image,
     decode_image,
     is_system_file,
-    iter_split_files,
+    split_files,
 )
 
 SIZES = [(16, 16), (12, 20), (33, 7)]  # (height, width): square, landscape, portrait
@@ -353,17 +353,12 @@ def test_raw_source_that_does_not_exist_says_which_param(tmp_path: Path) -> None
         RawSource(tmp_path / "nowhere.zip")
 
 
-def test_iter_split_files_skips_system_files_and_sorts(
-    tmp_path: Path, tree_writer: Callable
-) -> None:
+def test_split_files_skips_system_files_and_sorts(tmp_path: Path, tree_writer: Callable) -> None:
     tree_writer(
         tmp_path,
         {"dog/2.png": b"x", "cat/b.png": b"x", "cat/a.png": b"x", "cat/.DS_Store": b"x"},
     )
-    found = [
-        (label, path.relative_to(tmp_path).as_posix()) for label, path in iter_split_files(tmp_path)
-    ]
-    assert found == [("cat", "cat/a.png"), ("cat", "cat/b.png"), ("dog", "dog/2.png")]
+    assert split_files(tmp_path) == ["cat/a.png", "cat/b.png", "dog/2.png"]
 
 
 # --------------------------------------------------------------------------- JPEG fast path
