@@ -31,6 +31,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.support import command_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODELS = ("dense", "numpy_mlp")
@@ -116,20 +118,6 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
-def base_env() -> dict[str, str]:
-    """This environment without MLflow/DVC settings, with this venv's commands first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.com",
-    )
-    return env
-
-
 def small_params(path: Path) -> None:
     """Two cheap models on one 16x16 view of the raw digits."""
     params = yaml.safe_load(path.read_text())
@@ -190,7 +178,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
         "1",
     ]
     # no background job workers (GenAI scorers): a dozen idle processes on a 2-core machine
-    env = {**base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**command_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with serving(args, cwd=folder, env=env, ready_url=f"{url}/health", timeout=240):
         yield url, folder / "artifacts"
 
@@ -211,7 +199,7 @@ def team(tmp_path_factory: pytest.TempPathFactory, mlflow_server: tuple[str, Pat
     shutil.copy(ROOT / ".dvc" / ".gitignore", origin / ".dvc" / ".gitignore")
     small_params(origin / "params.yaml")
     raw_files = write_raw_digits(origin / "data" / "raw" / "digits")
-    env = base_env()
+    env = command_env()
     run(["git", "init", "-q", "-b", "main"], origin, env)
     run(["dvc", "add", "data/raw/digits"], origin, env)
     run(["dvc", "remote", "add", "-d", "storage", str(remote)], origin, env)
@@ -277,7 +265,7 @@ def test_repro_logs_runs_metrics_plots_and_models_to_the_server(team: Team) -> N
 def test_fresh_clone_pulls_data_tables_and_models_and_has_nothing_to_do(
     team: Team, tmp_path: Path
 ) -> None:
-    env = base_env()  # no tracking server: a clone must not need one when nothing reruns
+    env = command_env()  # no tracking server: a clone must not need one when nothing reruns
     assert "in sync" in run(["dvc", "status", "--cloud"], team.origin, env)
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(team.origin), str(clone)], tmp_path, env)
