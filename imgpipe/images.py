@@ -263,6 +263,9 @@ def _decode_plain_jpeg(data: bytes, height: int, width: int, color: str) -> np.n
             colorspace="GRAY" if color == "grayscale" else "RGB",
             min_height=height,
             min_width=width,
+            # libjpeg-turbo's fast integer IDCT, TensorFlow's default for decode_jpeg: about 20%
+            # less decoding time; pixels differ from the exact IDCT by a level or two at most
+            fastdct=True,
         )
     except ValueError:  # truncated or corrupt: Pillow decides, and gives the reason
         return None
