@@ -488,7 +488,9 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
 
     def fresh_model() -> keras.Model:
         keras.utils.set_random_seed(params.train.seed)
-        return compiled_model("dense", dense, tuple(x_train.shape[1:]), num_classes)
+        return compiled_model(
+            "dense", dense, tuple(x_train.shape[1:]), num_classes, train_size=len(x_train)
+        )
 
     feed = KerasParquetBatches(ParquetBatches(train_path, dense.batch_size, seed=params.train.seed))
     models = {name: fresh_model() for name in ("memory", "stage", "stream")}

@@ -12,12 +12,14 @@ import numpy as np
 OUTPUTS = ("sigmoid", "softmax")
 INITS = ("he", "xavier")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("exponential", "cosine")
+FLIPS = ("none", "horizontal")
 
 MOMENTUM = 0.9
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
 ADAM_EPSILON = 1e-7  # Keras default
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: inputs scaled to [-1, 1] (version 1 scaled them to [0, 1])
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -46,11 +48,37 @@ def _check_layer_sizes(layer_sizes: Sequence[int], output: str) -> tuple[int, ..
     return tuple(int(s) for s in sizes)
 
 
-def _scaled_batch(pixels: np.ndarray, rows: slice | np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Flatten one batch of uint8 pixels and scale it to [0, 1] in `dtype`."""
+def _scaled_batch(
+    pixels: np.ndarray, rows: slice | np.ndarray, dtype: np.dtype, flips: np.ndarray | None = None
+) -> np.ndarray:
+    """Flatten one batch of uint8 pixels and scale it to [-1, 1] in `dtype`, as Keras' dense
+    model does (Rescaling(1 / 127.5, offset=-1)). `flips` (b,) bool mirrors those rows' images
+    left to right; it needs (N, H, W, C) pixels."""
     batch = pixels[rows]  # (b, ...) uint8: a view for slices, a b-row copy for index arrays
+    if flips is not None and flips.any():
+        batch = batch.copy() if isinstance(rows, slice) else batch
+        batch[flips] = batch[flips, :, ::-1]  # (f, H, W, C), width reversed
     batch = batch.reshape(batch.shape[0], -1)  # (b, D)
-    return np.divide(batch, 255, dtype=dtype)  # (b, D) float
+    scaled = np.divide(batch, 127.5, dtype=dtype)  # (b, D) float
+    scaled -= 1
+    return scaled
+
+
+def learning_rate_at(
+    step: int,
+    *,
+    learning_rate: float,
+    schedule: str,
+    decay_steps: int,
+    decay_rate: float,
+    total_steps: int,
+) -> float:
+    """The learning rate of update `step` (0-based), with Keras' ExponentialDecay (continuous)
+    or CosineDecay (to 0 at total_steps, alpha 0) formulas."""
+    if schedule == "cosine":
+        progress = min(step, total_steps) / total_steps
+        return learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return learning_rate * decay_rate ** (step / decay_steps)
 
 
 def _check_pixels(name: str, pixels: np.ndarray, n_inputs: int) -> None:
@@ -149,14 +177,25 @@ class NumpyMLP:
 
     # ----------------------------------------------------------------- forward / loss / backprop
 
-    def _logits(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Pre-activation of the output layer and the input of every layer."""
+    def _logits(
+        self, x: np.ndarray, dropout: float = 0.0, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Pre-activation of the output layer and the input of every layer.
+
+        With dropout > 0 (training), each hidden unit's output is zeroed with that probability
+        and the survivors scaled by 1 / (1 - dropout) (inverted dropout, as Keras' Dropout).
+        """
         layer_inputs = [x]  # [(B, n0), (B, n1), ...]
         a = x
         for weights, bias in self.params[:-1]:
             z = a @ weights  # (B, n_out)
             z += bias
             np.maximum(z, 0, out=z)  # ReLU in place
+            if dropout > 0:
+                assert rng is not None
+                keep = rng.random(z.shape, dtype=z.dtype) >= dropout  # (B, n_out)
+                z *= keep
+                z *= np.asarray(1.0 / (1.0 - dropout), dtype=z.dtype)
             a = z
             layer_inputs.append(a)
         weights, bias = self.params[-1]
@@ -191,9 +230,17 @@ class NumpyMLP:
         return logits.argmax(axis=1)  # (B,)
 
     def _backward(
-        self, probs: np.ndarray, layer_inputs: list[np.ndarray], y: np.ndarray
+        self,
+        probs: np.ndarray,
+        layer_inputs: list[np.ndarray],
+        y: np.ndarray,
+        dropout: float = 0.0,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Gradients of the mean loss given output probabilities and the forward cache."""
+        """Gradients of the mean loss given output probabilities and the forward cache.
+
+        With dropout, a hidden output is a = relu(z) * keep / (1 - dropout), so da/dz is
+        1 / (1 - dropout) where a > 0 and 0 elsewhere (dropped or not active).
+        """
         batch = probs.shape[0]
         delta = probs.copy()  # (B, K): dL/dlogits * B
         if self.output == "sigmoid":
@@ -209,6 +256,8 @@ class NumpyMLP:
             if i > 0:  # no gradient needed with respect to the network input
                 delta = delta @ weights.T  # (B, n_in)
                 delta *= a > 0  # ReLU derivative; a is the ReLU output of layer i-1
+                if dropout > 0:
+                    delta *= np.asarray(1.0 / (1.0 - dropout), dtype=delta.dtype)
         grads.reverse()
         return grads
 
@@ -230,17 +279,22 @@ class NumpyMLP:
         logits, layer_inputs = self._logits(x)
         return self._activate(logits), layer_inputs
 
-    def loss(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Mean cross-entropy of scaled float inputs x (B, D) against int labels y (B,)."""
+    def loss(self, x: np.ndarray, y: np.ndarray, *, dropout: float = 0.0, seed: int = 0) -> float:
+        """Mean cross-entropy of scaled float inputs x (B, D) against int labels y (B,).
+
+        With dropout, the masks come from default_rng(seed): the same seed, the same masks.
+        """
         y = self._check_labels(y, x.shape[0])
-        logits, _ = self._logits(x)
+        logits, _ = self._logits(x, dropout, np.random.default_rng(seed))
         return float(self._losses(logits, y).mean(dtype=np.float64))
 
-    def gradients(self, x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Backprop gradients of the mean loss, structured like `params`."""
+    def gradients(
+        self, x: np.ndarray, y: np.ndarray, *, dropout: float = 0.0, seed: int = 0
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Backprop gradients of the mean loss, structured like `params` (dropout as in loss)."""
         y = self._check_labels(y, x.shape[0])
-        probs, layer_inputs = self.forward(x)
-        return self._backward(probs, layer_inputs, y)
+        logits, layer_inputs = self._logits(x, dropout, np.random.default_rng(seed))
+        return self._backward(self._activate(logits), layer_inputs, y, dropout)
 
     # ----------------------------------------------------------------- prediction
 
@@ -289,9 +343,16 @@ class NumpyMLP:
         decay_steps: int,
         decay_rate: float,
         seed: int,
+        schedule: str = "exponential",
+        dropout: float = 0.0,
+        flip: str = "none",
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     ) -> dict[str, list[float]]:
-        """Mini-batch training on uint8 pixels; returns per-epoch loss/accuracy history."""
+        """Mini-batch training on uint8 pixels; returns per-epoch loss/accuracy history.
+
+        flip="horizontal" mirrors a random half of every batch (pixels must be (N, H, W, C));
+        dropout applies to every hidden layer's output, during training only.
+        """
         n_inputs = self.layer_sizes[0]
         _check_pixels("x_train", x_train, n_inputs)
         _check_pixels("x_val", x_val, n_inputs)
@@ -300,6 +361,12 @@ class NumpyMLP:
         if x_train.shape[0] == 0 or x_val.shape[0] == 0:
             raise ValueError("x_train and x_val must each hold at least one sample")
         _check_choice("optimizer", optimizer, OPTIMIZERS)
+        _check_choice("schedule", schedule, SCHEDULES)
+        _check_choice("flip", flip, FLIPS)
+        if flip != "none" and x_train.ndim != 4:
+            raise ValueError(f"flip needs pixels shaped (N, H, W, C); got {x_train.shape}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative integer; got {epochs!r}")
         _check_positive_int("batch_size", batch_size)
@@ -312,6 +379,7 @@ class NumpyMLP:
         rng = np.random.default_rng(seed)
         opt = _Optimizer(optimizer, self.params)
         n = x_train.shape[0]
+        total_steps = epochs * math.ceil(n / batch_size)
         history: dict[str, list[float]] = {
             "loss": [],
             "accuracy": [],
@@ -325,14 +393,22 @@ class NumpyMLP:
             for start in range(0, n, batch_size):
                 # sorting inside a batch keeps its membership and makes the gather sequential
                 rows = np.sort(order[start : start + batch_size])  # (b,)
-                xb = _scaled_batch(x_train, rows, self.dtype)  # (b, D)
+                flips = rng.random(len(rows)) < 0.5 if flip == "horizontal" else None  # (b,)
+                xb = _scaled_batch(x_train, rows, self.dtype, flips)  # (b, D)
                 yb = y_train[rows]  # (b,)
-                logits, layer_inputs = self._logits(xb)  # (b, K)
+                logits, layer_inputs = self._logits(xb, dropout, rng)  # (b, K)
                 loss_sum += float(self._losses(logits, yb).sum(dtype=np.float64))
                 correct += int(np.count_nonzero(self._predicted_labels(logits) == yb))
-                grads = self._backward(self._activate(logits), layer_inputs, yb)
-                # Keras ExponentialDecay (non-staircase), evaluated at the update's 0-based index
-                lr = learning_rate * decay_rate ** (opt.iterations / decay_steps)
+                grads = self._backward(self._activate(logits), layer_inputs, yb, dropout)
+                # Keras' schedules, evaluated at the update's 0-based index
+                lr = learning_rate_at(
+                    opt.iterations,
+                    learning_rate=learning_rate,
+                    schedule=schedule,
+                    decay_steps=decay_steps,
+                    decay_rate=decay_rate,
+                    total_steps=total_steps,
+                )
                 opt.step(self.params, grads, lr)
             val_loss, val_accuracy = self._evaluate(x_val, y_val, batch_size)
             logs = {
@@ -374,7 +450,8 @@ class NumpyMLP:
             config = json.loads(str(data["config"]))
             if config.get("format_version") != FORMAT_VERSION:
                 raise ValueError(
-                    f"{path}: unsupported format_version {config.get('format_version')!r}"
+                    f"{path}: unsupported format_version {config.get('format_version')!r} "
+                    f"(this version reads {FORMAT_VERSION}); retrain it: dvc repro train@numpy_mlp"
                 )
             output, init = config["output"], config["init"]
             _check_choice("output", output, OUTPUTS)

@@ -72,6 +72,9 @@ class TrainParams(_Section):
 
 class _Optimised(_Section):
     learning_rate: float = Field(gt=0)
+    # exponential: lr * decay_rate ** (step / decay_steps); cosine: from lr down to 0 over the
+    # whole run (epochs x batches per epoch), and decay_steps / decay_rate are not used
+    schedule: Literal["exponential", "cosine"]
     decay_steps: int = Field(ge=1)
     decay_rate: float = Field(gt=0, le=1)
     batch_size: int = Field(ge=1)
@@ -81,6 +84,7 @@ class _Optimised(_Section):
 class DenseParams(_Optimised):
     hidden_units: list[int] = Field(min_length=1)
     dropout: float = Field(ge=0, lt=1)
+    flip: Literal["none", "horizontal"]  # random horizontal flips of the training images
     optimizer: Literal["adam", "adamax", "rmsprop", "sgd"]
 
     @model_validator(mode="after")
@@ -115,6 +119,8 @@ class CnnParams(_Optimised):
 
 class NumpyMlpParams(_Optimised):
     hidden_units: list[int] = Field(min_length=1)
+    dropout: float = Field(ge=0, lt=1)
+    flip: Literal["none", "horizontal"]
     output: Literal["softmax", "sigmoid"]
     init: Literal["he", "xavier"]
     optimizer: Literal["sgd", "momentum", "adam"]

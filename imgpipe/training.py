@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -90,8 +91,12 @@ def compiled_model(
     params: DenseParams | CnnParams,
     input_shape: tuple[int, ...],
     num_classes: int,
+    train_size: int,
 ) -> keras.Model:
-    """A registered Keras model built in its params' precision and compiled as training does."""
+    """A registered Keras model built in its params' precision and compiled as training does.
+
+    train_size (the number of training images) sets the length of a cosine schedule.
+    """
     import keras
 
     from imgpipe.models import build_model, build_optimizer
@@ -107,6 +112,8 @@ def compiled_model(
             learning_rate=params.learning_rate,
             decay_steps=params.decay_steps,
             decay_rate=params.decay_rate,
+            schedule=params.schedule,
+            total_steps=params.epochs * math.ceil(train_size / params.batch_size),
         ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
@@ -137,7 +144,9 @@ def train_keras(
     import keras
 
     seed_everything(seed)
-    model = compiled_model(model_name, params, tuple(x_train.shape[1:]), num_classes)
+    model = compiled_model(
+        model_name, params, tuple(x_train.shape[1:]), num_classes, train_size=len(x_train)
+    )
     model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
     history: dict[str, list[float]] = {}
     first_epoch, earlier_seconds = 0, 0.0
@@ -242,8 +251,11 @@ def train_numpy_mlp(
         batch_size=params.batch_size,
         learning_rate=params.learning_rate,
         optimizer=params.optimizer,
+        schedule=params.schedule,
         decay_steps=params.decay_steps,
         decay_rate=params.decay_rate,
+        dropout=params.dropout,
+        flip=params.flip,
         seed=seed,
         on_epoch_end=report,
     )

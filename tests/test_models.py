@@ -102,6 +102,21 @@ def test_dense_has_one_dense_layer_per_hidden_size_plus_the_output(
     assert layers_of(no_dropout, layers.Dropout) == []
 
 
+@pytest.mark.parametrize("flip", ["none", "horizontal"])
+def test_dense_scales_pixels_to_minus_one_one_and_flips_only_when_asked(
+    small_dense: DenseParams, flip: str
+) -> None:
+    model = build_dense(GRAY_SHAPE, NUM_CLASSES, small_dense.model_copy(update={"flip": flip}))
+    flips = layers_of(model, layers.RandomFlip)
+    assert [layer.mode for layer in flips] == (["horizontal"] if flip == "horizontal" else [])
+    flattened = keras.Model(model.inputs, model.get_layer("flatten").output)
+    pixels = np.zeros((2, *GRAY_SHAPE), np.uint8)
+    pixels[1] = 255
+    out = flattened.predict(pixels, verbose=0)  # inference: never flipped
+    np.testing.assert_allclose(out[0], -1.0)
+    np.testing.assert_allclose(out[1], 1.0)
+
+
 @pytest.mark.parametrize(("filters", "convs_per_block"), [([4], 1), ([4, 8], 2), ([2, 4, 8], 3)])
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_cnn_has_one_conv_per_block_and_conv(
@@ -236,6 +251,24 @@ def test_build_optimizer_returns_the_named_class_with_decay(
     # continuous exponential decay: lr * rate ** (step / decay_steps)
     assert current_lr(optimizer, 2 * decay_steps) == pytest.approx(learning_rate * decay_rate**2)
     assert current_lr(optimizer, 50) == pytest.approx(learning_rate * decay_rate**0.5)
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_build_optimizer_cosine_goes_from_lr_to_zero_over_total_steps(name: str) -> None:
+    optimizer = build_optimizer(
+        name,
+        learning_rate=0.01,
+        decay_steps=1,
+        decay_rate=0.5,
+        schedule="cosine",
+        total_steps=100,
+    )
+    assert current_lr(optimizer, 0) == pytest.approx(0.01)
+    assert current_lr(optimizer, 50) == pytest.approx(0.005)
+    assert current_lr(optimizer, 100) == pytest.approx(0.0, abs=1e-9)
+    assert current_lr(optimizer, 150) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="total_steps"):
+        build_optimizer(name, learning_rate=0.01, decay_steps=1, decay_rate=1.0, schedule="cosine")
 
 
 @pytest.mark.parametrize("name", ["adam", "adamax", "rmsprop", "sgd"])

@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from imgpipe.numpy_mlp import NumpyMLP
+from imgpipe.numpy_mlp import NumpyMLP, _scaled_batch, learning_rate_at
 
 # Small, fast training settings for scikit-learn's bundled 8x8 digits (measured: val accuracy
 # 0.92-0.98 over 10 seeds for every optimizer below; the thresholds keep a wide margin).
@@ -152,7 +152,9 @@ def _float64_copy(model: NumpyMLP) -> NumpyMLP:
     return model
 
 
-def _numerical_gradients(model: NumpyMLP, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+def _numerical_gradients(
+    model: NumpyMLP, x: np.ndarray, y: np.ndarray, dropout: float = 0.0
+) -> list[np.ndarray]:
     eps = 1e-6
     numerical = []
     for array in _flat(model.params):
@@ -160,9 +162,9 @@ def _numerical_gradients(model: NumpyMLP, x: np.ndarray, y: np.ndarray) -> list[
         for index in np.ndindex(array.shape):
             saved = array[index]
             array[index] = saved + eps
-            plus = model.loss(x, y)
+            plus = model.loss(x, y, dropout=dropout, seed=3)  # the same masks every time
             array[index] = saved - eps
-            minus = model.loss(x, y)
+            minus = model.loss(x, y, dropout=dropout, seed=3)
             array[index] = saved
             grad[index] = (plus - minus) / (2 * eps)
         numerical.append(grad)
@@ -171,15 +173,18 @@ def _numerical_gradients(model: NumpyMLP, x: np.ndarray, y: np.ndarray) -> list[
 
 @pytest.mark.parametrize("output, n_out", [("sigmoid", 1), ("softmax", 4)])
 @pytest.mark.parametrize("hidden", [[], [5], [6, 5]])
-def test_gradients_match_finite_differences(output: str, n_out: int, hidden: list) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_gradients_match_finite_differences(
+    output: str, n_out: int, hidden: list, dropout: float
+) -> None:
     rng = np.random.default_rng(1)
     model = _float64_copy(NumpyMLP([7, *hidden, n_out], output=output, init="he", seed=2))
     # non-zero biases so that the bias gradients are exercised away from the start point
     model.params = [(w, rng.normal(0, 0.1, size=b.shape)) for w, b in model.params]
     x = rng.normal(0, 1, size=(11, 7))  # (B, D) float64
     y = rng.integers(0, model.n_classes, size=11)
-    analytic = _flat(model.gradients(x, y))
-    numerical = _numerical_gradients(model, x, y)
+    analytic = _flat(model.gradients(x, y, dropout=dropout, seed=3))
+    numerical = _numerical_gradients(model, x, y, dropout)
     assert [a.shape for a in analytic] == [p.shape for p in _flat(model.params)]
     for a, n in zip(analytic, numerical, strict=True):
         rel = np.linalg.norm(a - n) / max(np.linalg.norm(a) + np.linalg.norm(n), 1e-12)
@@ -238,7 +243,7 @@ def test_predict_proba_shape_sum_and_batch_independence(output: str, n_out: int)
     assert probs.shape == (37, model.n_classes) and probs.dtype == np.float32
     assert np.all(probs >= 0) and np.all(probs <= 1)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
-    whole, _ = model.forward(pixels.reshape(37, -1).astype(np.float32) / 255)
+    whole, _ = model.forward(pixels.reshape(37, -1).astype(np.float32) / 127.5 - 1)
     np.testing.assert_allclose(probs[:, -n_out:], whole, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(model.predict_proba(pixels, batch_size=100), probs, atol=1e-6)
 
@@ -299,7 +304,7 @@ def test_full_batch_updates_follow_the_formulas(optimizer: str) -> None:
         ),
     )
     reference = _float64_copy(NumpyMLP([10, 6, 3], output="softmax", init="he", seed=0))
-    x = pixels.astype(np.float64) / 255
+    x = pixels.astype(np.float64) / 127.5 - 1
     expected = _reference_steps(reference, x, y, optimizer, lr, epochs)
     initial = _flat(NumpyMLP([10, 6, 3], output="softmax", init="he", seed=0).params)
     for got, want, start in zip(_flat(trained.params), expected, initial, strict=True):
@@ -406,7 +411,7 @@ def test_history_metrics_are_means_over_all_samples(output: str, n_out: int) -> 
         **_fit_kwargs(epochs=1, batch_size=8, learning_rate=1e-30, optimizer="sgd"),
     )
     for x, y, prefix in [(x_train, y_train, ""), (x_val, y_val, "val_")]:
-        scaled = x.reshape(len(x), -1).astype(np.float32) / 255
+        scaled = x.reshape(len(x), -1).astype(np.float32) / 127.5 - 1
         assert history[f"{prefix}loss"][0] == pytest.approx(model.loss(scaled, y), rel=1e-6)
         accuracy = np.mean(model.predict_proba(x, batch_size=64).argmax(axis=1) == y)
         assert history[f"{prefix}accuracy"][0] == pytest.approx(accuracy)
@@ -488,3 +493,90 @@ def test_predict_proba_and_fit_never_hold_a_float_copy_of_all_inputs() -> None:
     kwargs = _fit_kwargs(epochs=1, batch_size=256, optimizer="sgd")
     peak = _peak_bytes(lambda: model.fit(pixels, labels, x_val=pixels, y_val=labels, **kwargs))
     assert peak < float_copy_bytes / 20
+
+
+def test_dropout_zeroes_and_rescales_hidden_units_only_while_training() -> None:
+    model = NumpyMLP([6, 400, 2], output="softmax", init="he", seed=0)
+    x = np.random.default_rng(0).normal(0, 1, size=(50, 6)).astype(np.float32)
+    _, plain = model._logits(x)
+    _, dropped = model._logits(x, 0.25, np.random.default_rng(1))
+    active = plain[1] > 0
+    kept = dropped[1] > 0
+    assert kept.sum() / active.sum() == pytest.approx(0.75, abs=0.02)
+    np.testing.assert_allclose(dropped[1][kept], plain[1][kept] / 0.75, rtol=1e-6)
+    # prediction never drops units
+    np.testing.assert_array_equal(
+        model.predict_proba(np.zeros((3, 6), np.uint8), batch_size=2),
+        model.predict_proba(np.zeros((3, 6), np.uint8), batch_size=2),
+    )
+
+
+def test_scaled_batch_flips_chosen_images_left_to_right_and_scales_to_minus_one_one() -> None:
+    pixels = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3, 1) * 20  # (N, H, W, C)
+    flips = np.array([False, True])
+    for rows in (slice(0, 2), np.array([0, 1])):
+        batch = _scaled_batch(pixels, rows, np.dtype(np.float64), flips)
+        expected = np.stack([pixels[0], pixels[1, :, ::-1]]).reshape(2, -1) / 127.5 - 1
+        np.testing.assert_allclose(batch, expected)
+    assert pixels[1, 0, 0, 0] == 120  # the caller's pixels are never flipped in place
+    np.testing.assert_allclose(
+        _scaled_batch(np.array([[0, 255]], np.uint8), slice(0, 1), np.dtype(np.float64)),
+        [[-1.0, 1.0]],
+    )
+
+
+@pytest.mark.parametrize("step", [0, 1, 7, 19, 20, 35])
+def test_learning_rate_at_matches_keras_schedules(step: int) -> None:
+    import keras
+
+    cosine = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=20)
+    exponential = keras.optimizers.schedules.ExponentialDecay(0.01, 5, 0.5)
+    common = {"learning_rate": 0.01, "decay_steps": 5, "decay_rate": 0.5, "total_steps": 20}
+    assert learning_rate_at(step, schedule="cosine", **common) == pytest.approx(
+        float(cosine(step)), rel=1e-5, abs=1e-9
+    )
+    assert learning_rate_at(step, schedule="exponential", **common) == pytest.approx(
+        float(exponential(step)), rel=1e-5
+    )
+
+
+def test_fit_with_flips_dropout_and_cosine_is_reproducible_and_learns(digits: dict) -> None:
+    def train(seed: int) -> tuple[NumpyMLP, dict]:
+        model = NumpyMLP([64, 32, 10], output="softmax", init="he", seed=0)
+        history = model.fit(
+            digits["x_train"][..., None],  # (N, 8, 8, 1)
+            digits["y_train"],
+            x_val=digits["x_val"][..., None],
+            y_val=digits["y_val"],
+            **_fit_kwargs(
+                epochs=8,
+                batch_size=32,
+                learning_rate=0.005,
+                schedule="cosine",
+                dropout=0.2,
+                flip="horizontal",
+                seed=seed,
+            ),
+        )
+        return model, history
+
+    model_a, history_a = train(0)
+    model_b, history_b = train(0)
+    assert history_a == history_b
+    assert np.array_equal(model_a.params[0][0], model_b.params[0][0])
+    model_c, _ = train(1)  # other flips, masks and order
+    assert not np.array_equal(model_a.params[0][0], model_c.params[0][0])
+    assert history_a["val_accuracy"][-1] > 0.85  # mirrored digits are still learnable
+
+
+def test_flip_needs_image_shaped_pixels(digits: dict) -> None:
+    flat = digits["x_train"].reshape(len(digits["x_train"]), -1)
+    model = NumpyMLP([64, 10], output="softmax", init="he", seed=0)
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
+        model.fit(
+            flat,
+            digits["y_train"],
+            x_val=flat,
+            y_val=digits["y_train"],
+            **_fit_kwargs(flip="horizontal"),
+        )
