@@ -75,7 +75,9 @@ def build_cnn(
                 filters, 3, padding="same", use_bias=not params.batch_norm, name=name
             )(x)
             if params.batch_norm:
-                x = layers.BatchNormalization(name=f"{name}_bn")(x)
+                x = layers.BatchNormalization(
+                    momentum=params.batch_norm_momentum, name=f"{name}_bn"
+                )(x)
             x = layers.Activation("relu", name=f"{name}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)  # halves H and W
     if params.pooling == "global_average":

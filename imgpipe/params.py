@@ -104,6 +104,8 @@ class CnnParams(_Optimised):
     filters: list[int] = Field(min_length=1)
     convs_per_block: int = Field(ge=1)
     batch_norm: bool
+    # weight of the old moving mean/variance at each training step
+    batch_norm_momentum: float = Field(gt=0, lt=1)
     pooling: Literal["global_average", "flatten"]
     head_units: int = Field(ge=1)
     dropout: float = Field(ge=0, lt=1)

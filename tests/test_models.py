@@ -133,6 +133,7 @@ def test_cnn_has_one_conv_per_block_and_conv(
     assert len(layers_of(model, layers.MaxPooling2D)) == len(filters)
     norms = layers_of(model, layers.BatchNormalization)
     assert len(norms) == (len(convs) if batch_norm else 0)
+    assert all(norm.momentum == section.batch_norm_momentum for norm in norms)
 
 
 @pytest.mark.parametrize("pooling", ["global_average", "flatten"])
