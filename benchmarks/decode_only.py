@@ -2,7 +2,7 @@
 
 Reads every file under a split folder (<split>/<class>/<image>) and decodes it exactly as the
 `tabulate` stage does (stages.tabulate.decode_chunk, same tasks, one process per core), but
-keeps only a count: no transfer of pixels, no Parquet. Run by benchmarks/data_stages.py.
+keeps only a count: no pixels leave the workers, no Parquet. Run by benchmarks/data_stages.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import numpy as np
+
 from imgpipe.images import split_files
-from stages.tabulate import IMAGES_PER_TASK, chunks, decode_chunk
+from stages.tabulate import chunks, decode_chunk, task_size
 
 
 def _decode_count(job: tuple[list[str], tuple[int, int, str]]) -> int:
-    return len(decode_chunk(*job)[1])
+    paths, (height, width, color) = job
+    out = np.empty((len(paths), height, width, 1 if color == "grayscale" else 3), np.uint8)
+    return len(decode_chunk(paths, (height, width, color), out)[0])
 
 
 def main() -> None:
@@ -34,7 +38,8 @@ def main() -> None:
         for split_name in ("train", "val", "test")
         for source in split_files(args.split / split_name)
     ]
-    jobs = [(chunk, view) for chunk in chunks(paths, IMAGES_PER_TASK)]
+    per_task = task_size((args.size, args.size, 1 if args.color == "grayscale" else 3))
+    jobs = [(chunk, view) for chunk in chunks(paths, per_task)]
     with multiprocessing.Pool(args.workers) as pool:
         decoded = sum(pool.imap_unordered(_decode_count, jobs))
     print(f"decoded {decoded} of {len(paths)} images")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import mmap
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -21,10 +23,12 @@ from imgpipe.runtime import atomic_directory, cpu_count, setup_logging, write_js
 from imgpipe.splitting import SPLITS
 from imgpipe.tables import TableWriter, record_batch, table_schema
 
-# Files per task sent to a worker: small enough that both cores stay busy to the last row group
-# and a task's result is small (64 x 96 x 96 bytes = 0.6 MB), large enough that the
-# per-task overhead (pickling, scheduling) stays below 1 % of the decoding time.
+# Files per task sent to a worker: small enough that both cores stay busy to the last row group,
+# large enough that the per-task overhead (scheduling, a result to unpickle) stays below 1 % of
+# the decoding time. Large images get fewer, so that a task's pixels stay within
+# TASK_BYTES (64 x 96 x 96 bytes = 0.6 MB).
 IMAGES_PER_TASK = 64
+TASK_BYTES = 2**20
 # Tasks queued or running per worker: enough that the workers never wait while the parent
 # compresses a row group (~40 ms for 1,024 96x96 images), few enough to bound memory.
 TASKS_PER_WORKER = 4
@@ -33,27 +37,69 @@ SKIPPED_REPORT = "skipped.json"
 
 
 def decode_chunk(
-    paths: Sequence[str], view: tuple[int, int, str]
-) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """Decode files into (n_ok, H, W, C) uint8; returns pixels, indices decoded, (index, error)s."""
+    paths: Sequence[str], view: tuple[int, int, str], out: np.ndarray
+) -> tuple[list[int], list[tuple[int, str]]]:
+    """Decode files into out[i] (out: (>= len(paths), H, W, C) uint8).
+
+    Returns the indices decoded and (index, error) for the files that could not be; the rows of
+    those are left as they were.
+    """
     height, width, color = view
-    channels = 1 if color == "grayscale" else 3
-    pixels = np.empty((len(paths), height, width, channels), dtype=np.uint8)
     decoded: list[int] = []
     errors: list[tuple[int, str]] = []
     for index, path in enumerate(paths):
         try:
             with open(path, "rb", buffering=0) as file:  # unbuffered: one read of the size
                 data = file.read()
-            pixels[len(decoded)] = decode_image(data, height=height, width=width, color=color)
+            out[index] = decode_image(data, height=height, width=width, color=color)
             decoded.append(index)
         except Exception as error:  # any decoder failure becomes a reported skip, not a crash
             errors.append((index, f"{type(error).__name__}: {error}"))
-    return pixels[: len(decoded)], decoded, errors
+    return decoded, errors
 
 
-def _decode_job(job: tuple[Sequence[str], tuple[int, int, str]]):
-    return decode_chunk(*job)
+def task_size(shape: tuple[int, int, int]) -> int:
+    """Files per task for images of this shape: IMAGES_PER_TASK, fewer for large images."""
+    return max(1, min(IMAGES_PER_TASK, TASK_BYTES // math.prod(shape)))
+
+
+class TaskSlots:
+    """Shared memory for `count` tasks' pixels, `slot_bytes` each, that workers decode into.
+
+    Anonymous and shared (mmap MAP_SHARED | MAP_ANONYMOUS), made before the workers are forked,
+    so that they inherit it: workers send back only the indices they decoded, never pixels (no
+    pickling, no copies through pipes), and there is no name to clean up: the memory goes with
+    the last process that maps it, however the stage ends.
+    """
+
+    def __init__(self, count: int, slot_bytes: int) -> None:
+        self.count = count
+        self.slot_bytes = slot_bytes
+        self.memory = mmap.mmap(-1, count * slot_bytes)
+
+    def view(self, task_number: int, rows: int, shape: tuple[int, int, int]) -> np.ndarray:
+        """(rows, H, W, C) uint8 view of task `task_number`'s slot (slots are reused in turn)."""
+        offset = (task_number % self.count) * self.slot_bytes
+        return np.ndarray((rows, *shape), dtype=np.uint8, buffer=self.memory, offset=offset)
+
+
+_slots: TaskSlots | None = None  # in a worker: the parent's TaskSlots, inherited at fork
+
+
+def _init_worker(slots: TaskSlots) -> None:
+    global _slots
+    _slots = slots
+
+
+def _decode_job(
+    job: tuple[Sequence[str], tuple[int, int, str], int],
+) -> tuple[list[int], list[tuple[int, str]]]:
+    """Worker side of a task: decode its files straight into its slot of the shared memory."""
+    paths, view, task_number = job
+    height, width, color = view
+    shape = (height, width, 1 if color == "grayscale" else 3)
+    assert _slots is not None, "worker started without _init_worker"
+    return decode_chunk(paths, view, _slots.view(task_number, len(paths), shape))
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -62,10 +108,8 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def ordered_results(
-    pool: multiprocessing.pool.Pool, jobs: Iterable, in_flight: int
-) -> Iterator[tuple[np.ndarray, list[int], list[tuple[int, str]]]]:
-    """decode_chunk results in job order, with at most `in_flight` jobs queued or running.
+def ordered_results(pool: multiprocessing.pool.Pool, jobs: Iterable, in_flight: int) -> Iterator:
+    """_decode_job results in job order, with at most `in_flight` jobs queued or running.
 
     Pool.imap would queue every job at once and buffer every finished result the parent has not
     consumed yet, so memory would grow with the data set; this keeps it bounded.
@@ -120,6 +164,7 @@ class RowGroupBuffer:
 
 def tabulate_split(
     pool: multiprocessing.pool.Pool,
+    slots: TaskSlots,
     split_dir: Path,
     sources: list[str],
     class_names: list[str],
@@ -133,26 +178,37 @@ def tabulate_split(
     """Decode one split's files in parallel and stream them into a Parquet table by row groups.
 
     `sources` are the files as `<class>/<file name>` under split_dir. Workers decode small tasks
-    of IMAGES_PER_TASK files, so that every core stays busy up to the end; the parent reassembles
-    them in file order into row groups of `rows_per_group` rows. At most TASKS_PER_WORKER tasks
-    per worker are in flight, so memory stays flat however many images there are. The table
-    depends only on the files and rows_per_group, never on the number of workers or task size.
+    of at most IMAGES_PER_TASK files straight into slots of a shared memory block, so that every
+    core stays busy up to the end and no pixels are pickled; the parent copies them in file
+    order into row groups of `rows_per_group` rows. At most TASKS_PER_WORKER tasks per worker
+    are in flight, so memory stays flat however many images there are. The table depends only
+    on the files and rows_per_group, never on the number of workers or task size.
     """
     # names are stored as valid UTF-8 (a folder not made by `split` may hold any bytes)
     schema = table_schema(view.shape, [printable(c) for c in class_names], view_name)
     index_of = {name: i for i, name in enumerate(class_names)}
     view_key = (view.height, view.width, view.color)
     labels = np.array([index_of[s.split("/", 1)[0]] for s in sources], dtype=np.int16)
-    jobs = (
-        ([os.path.join(split_dir, s) for s in chunk], view_key)
-        for chunk in chunks(sources, IMAGES_PER_TASK)
-    )
+    per_task = task_size(view.shape)
+    in_flight = TASKS_PER_WORKER * workers
+    # task n's slot is reused by task n + slots.count: by then the parent has copied it out
+    # (ordered_results sends task n + in_flight before it hands over task n's result)
+    assert slots.count > in_flight and slots.slot_bytes >= per_task * math.prod(view.shape)
     buffer = RowGroupBuffer(view.shape, rows_per_group)
     failures: list[tuple[str, str]] = []
     with TableWriter(out_path, schema) as writer:
-        results = ordered_results(pool, jobs, in_flight=TASKS_PER_WORKER * workers)
-        for task_number, (pixels, decoded, errors) in enumerate(results):
-            offset = task_number * IMAGES_PER_TASK
+        prefix = os.path.join(split_dir, "")
+        jobs = (
+            ([prefix + s for s in chunk], view_key, number)
+            for number, chunk in enumerate(chunks(sources, per_task))
+        )
+        results = ordered_results(pool, jobs, in_flight=in_flight)
+        for task_number, (decoded, errors) in enumerate(results):
+            offset = task_number * per_task
+            count = min(per_task, len(sources) - offset)
+            pixels = slots.view(task_number, count, view.shape)
+            if errors:  # rare: keep only the rows that were decoded
+                pixels = pixels[np.asarray(decoded, dtype=np.int64)]
             rows = np.asarray(decoded, dtype=np.int64) + offset
             for group in buffer.add(pixels, labels[rows], [printable(sources[i]) for i in rows]):
                 writer.write(record_batch(schema, *group))
@@ -181,8 +237,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"[tabulate] {error}") from None
 
     workers = params.tabulate.workers or cpu_count()
-    # the workers are forked first, so that they do not inherit (and count) the file lists
-    with multiprocessing.Pool(workers) as pool:
+    slots = TaskSlots(
+        TASKS_PER_WORKER * workers + 1,
+        max(task_size(v.shape) * math.prod(v.shape) for v in params.views.values()),
+    )
+    # The workers are forked (they inherit the slots), and first, so that they do not inherit
+    # (and count) the file lists.
+    fork = multiprocessing.get_context("fork")
+    with fork.Pool(workers, initializer=_init_worker, initargs=(slots,)) as pool:
         sources = {s: split_files(args.split / s) for s in SPLITS}
         class_names = sorted(
             {p.name for s in SPLITS for p in (args.split / s).iterdir() if p.is_dir()}
@@ -206,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                     progress.set_postfix_str(f"{view_name}/{split_name}")
                     _, failed = tabulate_split(
                         pool,
+                        slots,
                         args.split / split_name,
                         sources[split_name],
                         class_names,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -276,15 +277,22 @@ def test_rerun_gives_identical_split_and_tables(first_run: Run, second_run: Run)
 
 
 def _tabulate_with(
-    directory: Path, split_dir: Path, name: str, *, workers: int, per_task: int
+    directory: Path,
+    split_dir: Path,
+    name: str,
+    *,
+    workers: int,
+    per_task: int,
+    task_bytes: int = tabulate.TASK_BYTES,
 ) -> Path:
-    """Run tabulate on split_dir with the given worker count and files per worker task."""
+    """Run tabulate on split_dir with the given worker count and task size limits."""
     params = yaml.safe_load((directory / "params.yaml").read_text(encoding="utf-8"))
     params["tabulate"]["workers"] = workers
     (directory / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     out = directory / name
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tabulate, "IMAGES_PER_TASK", per_task)
+        patch.setattr(tabulate, "TASK_BYTES", task_bytes)
         tabulate.main(["--split", str(split_dir), "--out", str(out)])
     return out
 
@@ -305,11 +313,14 @@ def test_tables_do_not_depend_on_workers_or_task_size(
 
     one = _tabulate_with(tmp_path, split_dir, "one", workers=1, per_task=3)
     three = _tabulate_with(tmp_path, split_dir, "three", workers=3, per_task=64)
+    # rgb24 rows are 1,728 bytes: tasks of 2 rgb24 images, 6 gray16 ones
+    small = _tabulate_with(tmp_path, split_dir, "small", workers=2, per_task=64, task_bytes=3500)
     rows_per_group = 5
     for view_name in VIEWS:
         for split_name in SPLITS:
             path = one / view_name / f"{split_name}.parquet"
-            assert path.read_bytes() == (three / view_name / f"{split_name}.parquet").read_bytes()
+            for other in (three, small):
+                assert path.read_bytes() == (other / view_name / path.name).read_bytes()
             on_disk = sum(1 for p in (split_dir / split_name).rglob("*") if p.is_file())
             expected = on_disk - (split_name == "train")  # the broken file is skipped
             metadata = pq.ParquetFile(path).metadata
@@ -325,6 +336,61 @@ def test_tables_do_not_depend_on_workers_or_task_size(
         (view_name, "train", broken.name) for view_name in VIEWS
     ]
     assert all(s["reason"] for s in report["skipped"])
+
+
+def test_task_size_keeps_a_tasks_pixels_within_task_bytes() -> None:
+    assert tabulate.task_size((96, 96, 1)) == tabulate.IMAGES_PER_TASK  # 64 x 9 KB: 0.6 MB
+    per_task = tabulate.task_size((224, 224, 3))  # 150 KB an image
+    assert per_task * 224 * 224 * 3 <= tabulate.TASK_BYTES < (per_task + 1) * 224 * 224 * 3
+    assert tabulate.task_size((2048, 2048, 3)) == 1  # larger than TASK_BYTES: one at a time
+
+
+def test_decode_chunk_fills_the_rows_of_decoded_files_and_reports_the_others(
+    tmp_path: Path,
+    image_factory: Callable[[str, int], bytes],
+    corrupt_bytes: dict[str, bytes],
+) -> None:
+    names = ["a.jpg", "broken.jpg", "c.png", "missing.png"]
+    (tmp_path / "a.jpg").write_bytes(image_factory("rgb.jpg", 1))
+    (tmp_path / "broken.jpg").write_bytes(corrupt_bytes["truncated.jpg"])
+    (tmp_path / "c.png").write_bytes(image_factory("palette.png", 2))
+    out = np.full((5, 6, 7, 3), 9, dtype=np.uint8)  # one row more than there are files
+    view = (6, 7, "rgb")
+    decoded, errors = tabulate.decode_chunk([str(tmp_path / n) for n in names], view, out)
+    assert decoded == [0, 2]
+    assert [index for index, _ in errors] == [1, 3]
+    assert "FileNotFoundError" in errors[1][1]
+    for index in decoded:
+        expected = decode_image(
+            (tmp_path / names[index]).read_bytes(), height=6, width=7, color="rgb"
+        )
+        np.testing.assert_array_equal(out[index], expected)
+    assert (out[[1, 3, 4]] == 9).all()  # rows of files not decoded, and spare rows, untouched
+
+
+def test_workers_decode_into_the_parents_task_slots(
+    tmp_path: Path, image_factory: Callable[[str, int], bytes]
+) -> None:
+    shape = (5, 4, 1)
+    slots = tabulate.TaskSlots(count=3, slot_bytes=2 * 5 * 4)
+    paths = []
+    for index in range(8):
+        paths.append(tmp_path / f"{index}.png")
+        paths[-1].write_bytes(image_factory("gray.png", index))
+    jobs = [([str(p) for p in paths[i : i + 2]], (5, 4, "grayscale"), i // 2) for i in (0, 2, 4)]
+    fork = multiprocessing.get_context("fork")
+    with fork.Pool(2, initializer=tabulate._init_worker, initargs=(slots,)) as pool:
+        results = pool.map(tabulate._decode_job, jobs)
+        assert results == [([0, 1], [])] * 3
+        for task_number in range(3):  # written by the workers, read here: no pixels were sent
+            for row in range(2):
+                data = paths[2 * task_number + row].read_bytes()
+                expected = decode_image(data, height=5, width=4, color="grayscale")
+                np.testing.assert_array_equal(slots.view(task_number, 2, shape)[row], expected)
+        # task 3 reuses task 0's slot
+        assert pool.map(tabulate._decode_job, [([str(paths[6])], (5, 4, "grayscale"), 3)])
+        expected = decode_image(paths[6].read_bytes(), height=5, width=4, color="grayscale")
+        np.testing.assert_array_equal(slots.view(0, 1, shape)[0], expected)
 
 
 def test_split_files_lists_each_class_folders_files_sorted(tmp_path: Path) -> None:
