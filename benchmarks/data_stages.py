@@ -11,6 +11,8 @@ Modes (README "Benchmarks" shows their output):
             epoch fed from a uint8 array already in memory
   repro     the whole pipeline under `dvc repro`, then a no-op `dvc repro` (dense model only,
             one epoch, to keep the first run short)
+  all       every mode above in one run (compare also at 128x128 RGB on 5,000 images), then
+            every target, met or MISSED; exits with status 1 if one is missed
 
 Every stage runs as its own process in a throw-away project under a temporary folder (outside
 the repository), exactly as DVC runs it: `python -m stages.<stage>` with a params.yaml made from
@@ -24,6 +26,7 @@ process's peak (from the kernel's ru_maxrss) is printed beside it.
   python benchmarks/data_stages.py scaling --counts 5000 20000 100000
   python benchmarks/data_stages.py epoch
   python benchmarks/data_stages.py repro
+  python benchmarks/data_stages.py all --repeats 3              # all of it: about 20 minutes
 """
 
 from __future__ import annotations
@@ -170,7 +173,8 @@ def write_params(project: Path, *, raw: Path, view: View, images: int | None, **
     """project/params.yaml: the repository's, on `raw`, with one view, capped to `images`."""
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["data"]["raw"] = str(raw)
-    per_class = None if images is None else max(1, images // class_count(raw))
+    classes = None if images is None else class_count(project / raw)  # raw may be relative
+    per_class = None if images is None else max(1, images // classes)
     params["split"]["max_per_class"] = per_class
     params["views"] = {view.name: {"height": view.size, "width": view.size, "color": view.color}}
     params["models"] = {model: view.name for model in params["models"]}
@@ -272,7 +276,11 @@ COST_HEADERS = (
 )
 
 
+CHECKED: list[tuple[str, bool, str]] = []  # every target checked in this run, in order
+
+
 def check(label: str, ok: bool, detail: str) -> None:
+    CHECKED.append((label, ok, detail))
     print(f"  [{'met' if ok else 'MISSED'}] {label}: {detail}")
 
 
@@ -351,6 +359,9 @@ def mode_compare(args: argparse.Namespace, work: Path) -> None:
         f"tabulate runs at {ceiling_run.wall_s / tabulate_run.wall_s:.0%} of the speed of "
         "decoding alone (decode_image, the same tasks, nothing written) measured in this run"
     )
+    if view != View(96, "grayscale"):
+        print("\nthe targets are stated for 96x96 grayscale: none checked for this view")
+        return
     print("\ntargets (stated for 20,000 images, 96x96 grayscale):")
     rate = images / tabulate_run.wall_s
     check("tabulate >= 5,000 images/s", rate >= 5000, f"{rate:,.0f} images/s")
@@ -439,8 +450,15 @@ def mode_scaling(args: argparse.Namespace, work: Path) -> None:
     print()
     print_table(COST_HEADERS, rows)
     peaks = [float(r[7].replace(",", "")) for r in rows]
-    print(
-        f"\npeak RSS (tree) from {rows[0][1]} to {rows[-1][1]} images: x{peaks[-1] / peaks[0]:.2f}"
+    growth = max(peaks) / peaks[0]
+    first, last = rows[0][1], rows[-1][1]
+    print(f"\npeak RSS (tree) from {first} to {last} images: x{peaks[-1] / peaks[0]:.2f}")
+    print("\ntargets:")
+    check("tabulate peak RSS < 1 GB at every count", max(peaks) < 1000, f"{max(peaks):,.0f} MB")
+    check(
+        "tabulate peak RSS flat as the image count grows (at most +25%)",
+        growth <= 1.25,
+        f"x{growth:.2f} from {first} images to the highest peak",
     )
 
 
@@ -639,12 +657,40 @@ def mode_repro(args: argparse.Namespace, work: Path) -> None:
     check("no-op dvc repro < 5 s", max(noop) < 5, f"{max(noop):.2f} s (slowest)")
 
 
+def mode_all(args: argparse.Namespace, work: Path) -> None:
+    """Every mode, each in its own work folder; then every target checked."""
+    started = time.perf_counter()
+    runs = [
+        ("compare", mode_compare, {}),
+        ("compare", mode_compare, {"size": 128, "color": "rgb", "images": 5000}),
+        ("scaling", mode_scaling, {}),
+        ("epoch", mode_epoch, {}),
+        ("repro", mode_repro, {}),
+    ]
+    for number, (name, mode, overrides) in enumerate(runs, 1):
+        mode_args = argparse.Namespace(**{**vars(args), **overrides})
+        options = " ".join(f"--{key} {value}" for key, value in overrides.items())
+        print(f"\n{'=' * 20} {number}/{len(runs)}: {name} {options}".rstrip(), flush=True)
+        folder = work / f"{number}-{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        mode(mode_args, folder)
+        if args.work is None:  # a gigabyte or two of splits and tables each
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"\n{'=' * 20} every target ({time.perf_counter() - started:.0f} s in all)")
+    for label, ok, detail in CHECKED:
+        print(f"  [{'met' if ok else 'MISSED'}] {label}: {detail}")
+    missed = sum(not ok for _, ok, _ in CHECKED)
+    print(f"{len(CHECKED) - missed} of {len(CHECKED)} targets met")
+    if missed:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the mode and options, run the benchmark in a temporary folder."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=("compare", "scaling", "epoch", "repro"))
+    parser.add_argument("mode", choices=("compare", "scaling", "epoch", "repro", "all"))
     parser.add_argument("--raw", type=Path, default=DEFAULT_RAW, help="zip or folder of images")
     parser.add_argument("--images", type=int, default=None, help="subset size (default: all)")
     parser.add_argument("--size", type=int, default=96, help="image height and width")
@@ -676,6 +722,7 @@ def main(argv: list[str] | None = None) -> None:
             "scaling": mode_scaling,
             "epoch": mode_epoch,
             "repro": mode_repro,
+            "all": mode_all,
         }[args.mode](args, work)
     finally:
         if args.work is None:
