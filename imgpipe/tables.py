@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +77,14 @@ def _string_array(values: Sequence[str]) -> pa.Array:
 
 
 class TableWriter:
-    """Streams record batches into a Parquet file that appears only once it is complete."""
+    """Streams record batches into a Parquet file that appears only once it is complete.
 
-    def __init__(self, path: str | Path, schema: pa.Schema) -> None:
+    With `background=True`, batches are encoded and compressed in a thread of their own (Arrow
+    releases the GIL while it writes), at most one batch waiting: the caller goes on producing
+    the next row group meanwhile. The file is the same either way.
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema, *, background: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
@@ -90,19 +97,55 @@ class TableWriter:
             write_statistics=["label", "label_index"],
         )
         self.rows = 0
+        self._error: BaseException | None = None  # the background thread's, raised here
+        self._queue: queue.Queue[pa.RecordBatch | None] | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(
+                target=self._write_queued, name=f"write {self.path.name}", daemon=True
+            )
+            self._thread.start()
+
+    def _write_queued(self) -> None:
+        assert self._queue is not None
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:  # after an error, only drain, so that write() never blocks
+                try:
+                    self._writer.write_batch(batch)
+                except BaseException as error:  # handed to the caller's thread
+                    self._error = error
+
+    def _stop_thread(self) -> None:
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def write(self, batch: pa.RecordBatch) -> None:
         """Append one batch as one row group."""
-        self._writer.write_batch(batch)
+        if self._queue is None:
+            self._writer.write_batch(batch)
+        else:
+            self._raise_background_error()
+            self._queue.put(batch)
         self.rows += batch.num_rows
 
     def close(self) -> None:
-        """Finish the file and move it into place atomically."""
+        """Finish the file and move it into place atomically (or drop it, if a write failed)."""
+        self._stop_thread()
+        if self._error is not None:
+            self.abort()
+            self._raise_background_error()
         self._writer.close()
         os.replace(self._partial, self.path)
 
     def abort(self) -> None:
         """Drop the partial file."""
+        self._stop_thread()
         self._writer.close()
         self._partial.unlink(missing_ok=True)
 

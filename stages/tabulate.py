@@ -196,7 +196,8 @@ def tabulate_split(
     assert slots.count > in_flight and slots.slot_bytes >= per_task * math.prod(view.shape)
     buffer = RowGroupBuffer(view.shape, rows_per_group)
     failures: list[tuple[str, str]] = []
-    with TableWriter(out_path, schema) as writer:
+    # row groups are compressed and written in a thread while the next ones are decoded
+    with TableWriter(out_path, schema, background=True) as writer:
         prefix = os.path.join(split_dir, "")
         jobs = (
             ([prefix + s for s in chunk], view_key, number)

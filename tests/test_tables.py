@@ -28,12 +28,17 @@ def _pixels(seed: int, count: int, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _write(
-    path: Path, shape: tuple[int, int, int], batch_sizes: list[int], view: str = "v"
+    path: Path,
+    shape: tuple[int, int, int],
+    batch_sizes: list[int],
+    view: str = "v",
+    *,
+    background: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Write batches of random rows; return all pixels (N, H, W, C), labels (N,), sources."""
     schema = table_schema(shape, CLASS_NAMES, view)
     all_pixels, all_labels, all_sources = [], [], []
-    with TableWriter(path, schema) as writer:
+    with TableWriter(path, schema, background=background) as writer:
         for batch_number, count in enumerate(batch_sizes):
             pixels = _pixels(batch_number, count, shape)
             labels = (
@@ -132,6 +137,37 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
         raise RuntimeError("decoder crashed")
     assert not path.exists()
     assert list(out_dir.iterdir()) == []  # ... which is removed on failure
+
+
+def test_background_writing_gives_the_same_file(tmp_path: Path) -> None:
+    _write(tmp_path / "direct.parquet", (6, 5, 3), [7, 7, 2])
+    _write(tmp_path / "background.parquet", (6, 5, 3), [7, 7, 2], background=True)
+    direct = (tmp_path / "direct.parquet").read_bytes()
+    assert (tmp_path / "background.parquet").read_bytes() == direct
+
+
+@pytest.mark.parametrize("fails_at", ["write", "close"])
+def test_background_write_error_reaches_the_caller_and_leaves_no_file(
+    tmp_path: Path, fails_at: str
+) -> None:
+    schema = table_schema((2, 2, 1), CLASS_NAMES, "v")
+    other = table_schema((3, 2, 1), CLASS_NAMES, "v")  # its batches do not fit this file
+    bad = record_batch(other, _pixels(0, 2, (3, 2, 1)), np.zeros(2, np.int16), ["a", "b"])
+    good = record_batch(schema, _pixels(1, 2, (2, 2, 1)), np.zeros(2, np.int16), ["c", "d"])
+    good_writes = 0
+    with (
+        pytest.raises(ValueError, match="schema"),  # pyarrow: "... does not match schema ..."
+        TableWriter(tmp_path / "t.parquet", schema, background=True) as writer,
+    ):
+        writer.write(good)
+        writer.write(bad)  # fails in the writing thread, a little later
+        if fails_at == "write":
+            # one batch waits at most: once the third is queued, the thread is done with `bad`
+            for _ in range(3):
+                writer.write(good)
+                good_writes += 1
+    assert good_writes < 3
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_final_file_appears_only_on_close(tmp_path: Path) -> None:
