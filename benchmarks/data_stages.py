@@ -453,7 +453,14 @@ def mode_scaling(args: argparse.Namespace, work: Path) -> None:
     peaks = [float(r[7].replace(",", "")) for r in rows]
     growth = max(peaks) / peaks[0]
     first, last = rows[0][1], rows[-1][1]
-    print(f"\npeak RSS (tree) from {first} to {last} images: x{peaks[-1] / peaks[0]:.2f}")
+    counts = [int(r[1].replace(",", "")) for r in rows]
+    per_image = (peaks[-1] - peaks[0]) * MB / max(counts[-1] - counts[0], 1)
+    pixels = view.size**2 * view.channels
+    print(
+        f"\npeak RSS (tree) from {first} to {last} images: x{peaks[-1] / peaks[0]:.2f}, "
+        f"{per_image:,.0f} bytes more per added image, against {pixels:,} bytes of pixels "
+        "per image"
+    )
     print("\ntargets:")
     check("tabulate peak RSS < 1 GB at every count", max(peaks) < 1000, f"{max(peaks):,.0f} MB")
     check(

@@ -244,6 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     # The workers are forked (they inherit the slots), and first, so that they do not inherit
     # (and count) the file lists.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise SystemExit(
+            "[tabulate] needs the 'fork' start method of multiprocessing (Linux, macOS), which "
+            "this platform lacks: on Windows, run the pipeline in WSL"
+        )
     fork = multiprocessing.get_context("fork")
     with fork.Pool(workers, initializer=_init_worker, initargs=(slots,)) as pool:
         sources = {s: split_files(args.split / s) for s in SPLITS}

@@ -593,6 +593,17 @@ def test_bad_params_stop_the_stage_before_any_work(
     assert not (tmp_path / "split").exists() and not (tmp_path / "tables").exists()
 
 
+def test_tabulate_without_fork_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_run: Run
+) -> None:
+    _write_params(tmp_path, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # Windows
+    with pytest.raises(SystemExit, match=r"'fork' start method.*WSL"):
+        tabulate.main(["--split", str(first_run.split_dir), "--out", str(tmp_path / "tables")])
+    assert not (tmp_path / "tables").exists()
+
+
 def test_missing_raw_data_names_the_param(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_params(tmp_path, tmp_path / "no-such.zip")
     monkeypatch.chdir(tmp_path)
