@@ -30,7 +30,8 @@ from imgpipe.tables import TableWriter, record_batch, table_schema
 IMAGES_PER_TASK = 64
 TASK_BYTES = 2**20
 # Tasks queued or running per worker: enough that the workers never wait while the parent
-# compresses a row group (~40 ms for 1,024 96x96 images), few enough to bound memory.
+# copies rows out of the slots and hands row groups to the writing thread, few enough to bound
+# memory (a slot per task in flight).
 TASKS_PER_WORKER = 4
 # Files that passed split's check but could not be decoded here (view, split, path, reason).
 SKIPPED_REPORT = "skipped.json"
@@ -237,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     except ParamsError as error:
         raise SystemExit(f"[tabulate] {error}") from None
 
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise SystemExit(
+            "[tabulate] needs the 'fork' start method of multiprocessing (Linux, macOS), which "
+            "this platform lacks: on Windows, run the pipeline in WSL"
+        )
     workers = params.tabulate.workers or cpu_count()
     slots = TaskSlots(
         TASKS_PER_WORKER * workers + 1,
@@ -244,11 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     # The workers are forked (they inherit the slots), and first, so that they do not inherit
     # (and count) the file lists.
-    if "fork" not in multiprocessing.get_all_start_methods():
-        raise SystemExit(
-            "[tabulate] needs the 'fork' start method of multiprocessing (Linux, macOS), which "
-            "this platform lacks: on Windows, run the pipeline in WSL"
-        )
     fork = multiprocessing.get_context("fork")
     with fork.Pool(workers, initializer=_init_worker, initargs=(slots,)) as pool:
         sources = {s: split_files(args.split / s) for s in SPLITS}
