@@ -174,8 +174,9 @@ def write_params(project: Path, *, raw: Path, view: View, images: int | None, **
     """project/params.yaml: the repository's, on `raw`, with one view, capped to `images`."""
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["data"]["raw"] = str(raw)
-    classes = None if images is None else class_count(project / raw)  # raw may be relative
-    per_class = None if images is None else max(1, images // classes)
+    per_class = None
+    if images is not None:  # raw may be relative to the project
+        per_class = max(1, images // class_count(project / raw))
     params["split"]["max_per_class"] = per_class
     params["views"] = {view.name: {"height": view.size, "width": view.size, "color": view.color}}
     params["models"] = {model: view.name for model in params["models"]}
@@ -280,9 +281,13 @@ COST_HEADERS = (
 CHECKED: list[tuple[str, bool, str]] = []  # every target checked in this run, in order
 
 
+def check_line(label: str, ok: bool, detail: str) -> str:
+    return f"  [{'met' if ok else 'MISSED'}] {label}: {detail}"
+
+
 def check(label: str, ok: bool, detail: str) -> None:
     CHECKED.append((label, ok, detail))
-    print(f"  [{'met' if ok else 'MISSED'}] {label}: {detail}")
+    print(check_line(label, ok, detail))
 
 
 def print_machine() -> None:
@@ -686,8 +691,8 @@ def mode_all(args: argparse.Namespace, work: Path) -> None:
         if args.work is None:  # a gigabyte or two of splits and tables each
             shutil.rmtree(folder, ignore_errors=True)
     print(f"\n{'=' * 20} every target ({time.perf_counter() - started:.0f} s in all)")
-    for label, ok, detail in CHECKED:
-        print(f"  [{'met' if ok else 'MISSED'}] {label}: {detail}")
+    for checked in CHECKED:
+        print(check_line(*checked))
     missed = sum(not ok for _, ok, _ in CHECKED)
     print(f"{len(CHECKED) - missed} of {len(CHECKED)} targets met")
     if missed:

@@ -93,12 +93,13 @@ def _init_worker(slots: TaskSlots) -> None:
 
 
 def _decode_job(
-    job: tuple[Sequence[str], tuple[int, int, str], int],
+    job: tuple[Sequence[str], tuple[int, int, str], tuple[int, int, int], int],
 ) -> tuple[list[int], list[tuple[int, str]]]:
-    """Worker side of a task: decode its files straight into its slot of the shared memory."""
-    paths, view, task_number = job
-    height, width, color = view
-    shape = (height, width, 1 if color == "grayscale" else 3)
+    """Worker side of a task: decode its files straight into its slot of the shared memory.
+
+    The job is (paths, (H, W, colour), (H, W, C), task number).
+    """
+    paths, view, shape, task_number = job
     assert _slots is not None, "worker started without _init_worker"
     return decode_chunk(paths, view, _slots.view(task_number, len(paths), shape))
 
@@ -201,7 +202,7 @@ def tabulate_split(
     with TableWriter(out_path, schema, background=True) as writer:
         prefix = os.path.join(split_dir, "")
         jobs = (
-            ([prefix + s for s in chunk], view_key, number)
+            ([prefix + s for s in chunk], view_key, view.shape, number)
             for number, chunk in enumerate(chunks(sources, per_task))
         )
         results = ordered_results(pool, jobs, in_flight=in_flight)
@@ -209,9 +210,10 @@ def tabulate_split(
             offset = task_number * per_task
             count = min(per_task, len(sources) - offset)
             pixels = slots.view(task_number, count, view.shape)
+            decoded_rows = np.asarray(decoded, dtype=np.int64)
             if errors:  # rare: keep only the rows that were decoded
-                pixels = pixels[np.asarray(decoded, dtype=np.int64)]
-            rows = np.asarray(decoded, dtype=np.int64) + offset
+                pixels = pixels[decoded_rows]
+            rows = decoded_rows + offset
             for group in buffer.add(pixels, labels[rows], [printable(sources[i]) for i in rows]):
                 writer.write(record_batch(schema, *group))
             failures.extend(

@@ -377,7 +377,8 @@ def test_workers_decode_into_the_parents_task_slots(
     for index in range(8):
         paths.append(tmp_path / f"{index}.png")
         paths[-1].write_bytes(image_factory("gray.png", index))
-    jobs = [([str(p) for p in paths[i : i + 2]], (5, 4, "grayscale"), i // 2) for i in (0, 2, 4)]
+    view = (5, 4, "grayscale")
+    jobs = [([str(p) for p in paths[i : i + 2]], view, shape, i // 2) for i in (0, 2, 4)]
     fork = multiprocessing.get_context("fork")
     with fork.Pool(2, initializer=tabulate._init_worker, initargs=(slots,)) as pool:
         results = pool.map(tabulate._decode_job, jobs)
@@ -388,7 +389,7 @@ def test_workers_decode_into_the_parents_task_slots(
                 expected = decode_image(data, height=5, width=4, color="grayscale")
                 np.testing.assert_array_equal(slots.view(task_number, 2, shape)[row], expected)
         # task 3 reuses task 0's slot
-        assert pool.map(tabulate._decode_job, [([str(paths[6])], (5, 4, "grayscale"), 3)])
+        assert pool.map(tabulate._decode_job, [([str(paths[6])], view, shape, 3)])
         expected = decode_image(paths[6].read_bytes(), height=5, width=4, color="grayscale")
         np.testing.assert_array_equal(slots.view(0, 1, shape)[0], expected)
 
