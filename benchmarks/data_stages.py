@@ -159,7 +159,9 @@ class View:
 
     @property
     def channels(self) -> int:
-        return 1 if self.color == "grayscale" else 3
+        from imgpipe.images import channel_count
+
+        return channel_count(self.color)
 
 
 def class_count(raw: Path) -> int:
@@ -489,9 +491,10 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
     import keras
     import numpy as np
 
+    from imgpipe.keras_models import epoch_order
     from imgpipe.params import load_params
+    from imgpipe.registry import model_type
     from imgpipe.tables import ParquetBatches, read_table
-    from imgpipe.training import compiled_model, epoch_order
 
     params = load_params(project / "params.yaml")
     dense = params.dense
@@ -519,8 +522,8 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
 
     def fresh_model() -> keras.Model:
         keras.utils.set_random_seed(params.train.seed)
-        return compiled_model(
-            "dense", dense, tuple(x_train.shape[1:]), num_classes, train_size=len(x_train)
+        return model_type("dense").compiled_model(
+            dense, tuple(x_train.shape[1:]), num_classes, train_size=len(x_train)
         )
 
     feed = KerasParquetBatches(ParquetBatches(train_path, dense.batch_size, seed=params.train.seed))
@@ -546,7 +549,7 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
         if name == "memory":  # the data already in memory, Keras shuffles: the fastest path
             return timed(name, lambda: fit_arrays(models[name], x_train, y_train, shuffle=True))
         if name == "stage":
-            # what imgpipe.training.train_keras does in the train stage: read the table, take
+            # what KerasModelType.train does in the train stage: read the table, take
             # the epoch's reproducible order (a uint8 gather), fit on it unshuffled
 
             def read_and_fit() -> None:

@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imgpipe.images import check_image, decode_image
-
-META_FILE = "meta.json"
-KERAS_FILE = "model.keras"
-NUMPY_FILE = "model.npz"
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """What a saved model needs besides its weights: its name, kind, input view and classes."""
-
-    model: str  # dense, cnn, numpy_mlp
-    kind: str  # keras or numpy
-    view: str
-    height: int
-    width: int
-    color: str
-    class_names: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain dict for meta.json."""
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_json(cls, payload: dict[str, Any]) -> ModelMeta:
-        """Read back what to_json wrote."""
-        return cls(**payload)
+from imgpipe.images import channel_count, check_image, decode_image
+from imgpipe.model_folder import ModelFolder, ModelMeta
 
 
 class Classifier:
@@ -44,49 +17,35 @@ class Classifier:
     def __init__(self, meta: ModelMeta, model: Any) -> None:
         self.meta = meta
         self.model = model
+        self.model_type = meta.model_type
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Classifier:
         """Load meta.json and the weights from a train stage's output folder."""
-        model_dir = Path(model_dir)
-        meta_path = model_dir / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{meta_path} not found: is {model_dir} a folder written by the train stage? "
-                "Run `dvc repro` (or `dvc pull`) first."
-            )
-        meta = ModelMeta.from_json(json.loads(meta_path.read_text()))
-        weights = model_dir / (NUMPY_FILE if meta.kind == "numpy" else KERAS_FILE)
-        return cls.from_files(weights, meta_path)
+        folder = ModelFolder(model_dir)
+        meta = folder.meta()
+        return cls(meta, meta.model_type.load(folder.weights_path(meta)))
 
     @classmethod
     def from_files(cls, weights_path: str | Path, meta_path: str | Path) -> Classifier:
-        """Load from a weights file (model.keras or model.npz) and its meta.json, anywhere."""
-        meta = ModelMeta.from_json(json.loads(Path(meta_path).read_text()))
-        if meta.kind == "keras":
-            import keras  # deferred: the NumPy model and the data stages never load TensorFlow
+        """Load from a weights file and its meta.json, anywhere (e.g. MLflow's artifacts)."""
+        meta = ModelMeta.read(meta_path)
+        return cls(meta, meta.model_type.load(Path(weights_path)))
 
-            model = keras.saving.load_model(weights_path, safe_mode=True)
-        elif meta.kind == "numpy":
-            from imgpipe.numpy_mlp import NumpyMLP
-
-            model = NumpyMLP.load(weights_path)
-        else:
-            raise ValueError(f"{meta_path}: unknown model kind {meta.kind!r} (keras or numpy)")
-        return cls(meta, model)
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the pixels this model reads."""
+        return (self.meta.height, self.meta.width, channel_count(self.meta.color))
 
     def predict_proba(self, pixels: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
         """(N, K) probabilities for uint8 pixels (N, H, W, C) of this model's view."""
-        expected = (self.meta.height, self.meta.width, 1 if self.meta.color == "grayscale" else 3)
-        if pixels.dtype != np.uint8 or pixels.shape[1:] != expected:
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != self.input_shape:
             raise ValueError(
-                f"expected uint8 pixels (N, {expected}), got {pixels.dtype} {pixels.shape}"
+                f"expected uint8 pixels (N, {self.input_shape}), got {pixels.dtype} {pixels.shape}"
             )
-        if self.meta.kind == "keras":
-            if len(pixels) == 0:
-                return np.zeros((0, len(self.meta.class_names)), dtype=np.float32)
-            return np.asarray(self.model.predict(pixels, batch_size=batch_size, verbose=0))
-        return self.model.predict_proba(pixels, batch_size=batch_size)
+        if len(pixels) == 0:
+            return np.zeros((0, len(self.meta.class_names)), dtype=np.float32)
+        return self.model_type.predict_proba(self.model, pixels, batch_size)
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decode one encoded image into this model's (H, W, C) uint8 view."""

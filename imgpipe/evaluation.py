@@ -1,15 +1,32 @@
-"""Pure evaluation helpers: classification metrics, DVC plot rows and PNG figures."""
+"""The evaluate stage: classification metrics, DVC plot rows and PNG figures (pure helpers), and
+evaluate_model, which applies them to a trained model and its test table."""
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
+
+from imgpipe.classifier import Classifier
+from imgpipe.model_folder import ModelFolder
+from imgpipe.runtime import StageError, write_bytes_atomic, write_json_atomic
+from imgpipe.tables import read_table
+
+if TYPE_CHECKING:
+    from imgpipe.params import Params
+
+log = logging.getLogger("imgpipe.evaluation")
 
 # Same clipping as Keras' categorical cross-entropy, so the reported test loss is comparable
 # with the training history's val_loss.
@@ -258,3 +275,159 @@ def prediction_grid_png(
             fontsize=10,
         )
     return _png_bytes(fig)
+
+
+def rows_csv(rows: list[dict]) -> bytes:
+    """A list of dicts as CSV bytes (header from the first row)."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def grid_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Indices of up to `count` test images for the prediction grid, the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(len(labels), size=min(count, len(labels)), replace=False))
+
+
+def registered_model_name(experiment: str, model: str) -> str:
+    """The MLflow registry name of a model: `<experiment>-<model>`, e.g. imgpipe-cnn."""
+    return f"{experiment}-{model}"
+
+
+def plot_files(
+    model_name: str,
+    labels: np.ndarray,
+    proba: np.ndarray,
+    class_names: Sequence[str],
+    history: Mapping[str, Sequence[float]],
+    grid: tuple[np.ndarray, np.ndarray],
+) -> dict[str, bytes]:
+    """Every file of plots/<model>/ by name: confusion matrix, curves, ROC, prediction grid.
+
+    grid is (indices of the test images to show, their uint8 pixels (G, H, W, C)).
+    """
+    predicted = proba.argmax(axis=1)
+    files = {
+        "confusion.csv": rows_csv(confusion_rows(labels, predicted, class_names)),
+        "confusion.png": confusion_png(
+            labels, predicted, class_names, f"{model_name}: test confusion matrix"
+        ),
+        "history.png": history_png(history, f"{model_name}: training"),
+    }
+    if len(class_names) == 2 and len(np.unique(labels)) == 2:
+        files["roc.csv"] = rows_csv(roc_rows(labels, proba))
+        files["roc.png"] = roc_png(labels, proba, f"{model_name}: ROC")
+    else:  # one curve for many classes: micro-average over one-vs-rest problems
+        files["roc.csv"] = rows_csv(micro_roc_rows(labels, proba))
+    chosen, pixels = grid
+    files["predictions.png"] = prediction_grid_png(
+        pixels,
+        [class_names[i] for i in labels[chosen]],
+        [class_names[i] for i in predicted[chosen]],
+        [float(proba[i, predicted[i]]) for i in chosen],
+        columns=4,
+    )
+    return files
+
+
+@dataclass(frozen=True)
+class EvaluateOutcome:
+    """What evaluate_model did, for the stage's summary."""
+
+    metrics: dict[str, Any]
+    n_test: int
+    plot_names: list[str]
+    run_id: str
+    registered: str  # "registered as imgpipe-cnn version 3", or why not
+
+
+def evaluate_model(
+    model_name: str,
+    params: Params,
+    *,
+    test_table: Path,
+    model_dir: Path,
+    metrics_path: Path,
+    plots_dir: Path,
+) -> EvaluateOutcome:
+    """Test metrics and plots of a trained model; completes its MLflow run and registers it."""
+    from imgpipe import tracking  # deferred: importing mlflow takes seconds
+
+    store = tracking.open_store(params.tracking)  # before any work: a server that is down stops
+    test = read_table(test_table)
+    classifier = Classifier.load(model_dir)
+    names = test.class_names
+    if classifier.meta.class_names != names:
+        raise StageError(
+            f"the model knows classes {classifier.meta.class_names} but the test table has "
+            f"{names}: run `dvc repro` to retrain"
+        )
+    proba = classifier.predict_proba(test.pixels, batch_size=params.evaluate.batch_size)
+    metrics = classification_metrics(test.labels, proba, names)
+    folder = ModelFolder(model_dir)
+    trained = folder.history()
+    for key in ("train_seconds", "train_images_per_second", "parameters"):
+        metrics[key] = trained[key]
+    metrics["dataset"] = Path(params.data.raw).name
+    chosen = grid_sample(test.labels, params.evaluate.grid_images, params.train.seed)
+    files = plot_files(
+        model_name, test.labels, proba, names, trained["history"], (chosen, test.pixels[chosen])
+    )
+    for name, data in files.items():
+        write_bytes_atomic(plots_dir / name, data)
+    write_json_atomic(metrics_path, metrics)
+
+    run_id = folder.run_id()
+    run = store.resume_run(run_id)
+    resumed = run is not None
+    if run is None:
+        log.warning(
+            "MLflow run %s (from %s) is not in %s: logging the test results to a new run",
+            run_id,
+            folder.run_file,
+            store.uri,
+        )
+        run = store.start_run(
+            model_name=model_name,
+            dataset=metrics["dataset"],
+            data_hash=tracking.files_digest([test_table]),
+            params={"model": model_name, model_name: params.model_section(model_name).model_dump()},
+        )
+    test_metrics = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    run.log_metrics(test_metrics)
+    for name in files:
+        run.log_file(plots_dir / name, "plots")
+    run.log_file(metrics_path, "metrics")
+    registered = "not registered (the run that holds the model is in another store)"
+    if resumed:  # only the train stage's run holds the model
+        version = run.register_model(
+            registered_model_name(params.tracking.experiment, model_name),
+            tags={**test_metrics, "dataset": metrics["dataset"], "n_test": len(test.labels)},
+            description=(
+                f"{model_name} on {metrics['dataset']}: test accuracy {metrics['accuracy']:.4f}, "
+                f"f1 {metrics['f1']:.4f}, loss {metrics['loss']:.4f} on {len(test.labels)} images"
+            ),
+        )
+        if version is not None:
+            registered = f"registered as {version.name} version {version.version}"
+        else:
+            registered = "not registered (the registry could not be reached: see above)"
+    run.finish()
+    if run.unlogged:
+        log.warning(
+            "MLflow run %s in %s is missing %d item(s) because logging failed (%s): %s. "
+            "%s and %s/ are complete; rerun `dvc repro -f evaluate@%s` once the server is back.",
+            run.run_id,
+            run.uri,
+            len(run.unlogged),
+            run.failure,
+            "; ".join(run.unlogged),
+            metrics_path,
+            plots_dir,
+            model_name,
+        )
+    return EvaluateOutcome(metrics, len(test.labels), list(files), run.run_id, registered)

@@ -27,6 +27,13 @@ MAX_ENTRY_BYTES = 256 * 2**20  # no single image file is this large
 MAX_RATIO_BYTES = 16 * 2**20  # above this size, a compression ratio over MAX_RATIO is a bomb
 MAX_RATIO = 100  # encoded images barely compress; a zip bomb compresses 1000:1 and more
 _S_IFMT, _S_IFLNK = 0o170000, 0o120000
+# A view's colour -> the Pillow mode its pixels are decoded in; the channel count follows.
+PILLOW_MODES = {"grayscale": "L", "rgb": "RGB"}
+
+
+def channel_count(color: str) -> int:
+    """Colour channels of a view's pixels: 1 for grayscale, 3 for RGB."""
+    return len(PILLOW_MODES[color])  # "L" -> 1, "RGB" -> 3
 
 
 class UnsafeArchiveError(ValueError):
@@ -207,7 +214,7 @@ def check_image(data: bytes) -> str | None:
 
 def _to_mode(image: Image.Image, color: str) -> Image.Image:
     """Convert any Pillow mode to L or RGB, flattening transparency onto white."""
-    target = "L" if color == "grayscale" else "RGB"
+    target = PILLOW_MODES[color]
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.uint32)
         # I;16 is 16-bit whatever its content (a dark image may hold only values <= 255);
@@ -241,14 +248,19 @@ def decode_image(data: bytes, *, height: int, width: int, color: str) -> np.ndar
     if pixels is not None:
         return pixels
     with Image.open(io.BytesIO(data)) as image:
-        draft_mode = "L" if color == "grayscale" else "RGB"
-        image.draft(draft_mode, (width, height))
+        image.draft(PILLOW_MODES[color], (width, height))
         image = ImageOps.exif_transpose(image)
-        image = _to_mode(image, color)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        image = _resize(_to_mode(image, color), height, width)
         pixels = np.asarray(image, dtype=np.uint8)
-    return pixels.reshape(height, width, 1 if color == "grayscale" else 3)
+    return pixels.reshape(height, width, channel_count(color))
+
+
+def _resize(image: Image.Image, height: int, width: int) -> Image.Image:
+    """The one resize of every decoding path: bilinear, with Pillow's reducing_gap (a box
+    reduction first for large shrink factors, then bilinear), so that downscaling does not alias."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def _decode_plain_jpeg(data: bytes, height: int, width: int, color: str) -> np.ndarray | None:
@@ -262,7 +274,7 @@ def _decode_plain_jpeg(data: bytes, height: int, width: int, color: str) -> np.n
             return None  # RGB-coded, CMYK and YCCK JPEGs: Pillow converts those correctly
         pixels = simplejpeg.decode_jpeg(
             data,
-            colorspace="GRAY" if color == "grayscale" else "RGB",
+            colorspace={"L": "GRAY", "RGB": "RGB"}[PILLOW_MODES[color]],
             min_height=height,
             min_width=width,
             # libjpeg-turbo's fast integer IDCT, TensorFlow's default for decode_jpeg: about 20%
@@ -274,10 +286,9 @@ def _decode_plain_jpeg(data: bytes, height: int, width: int, color: str) -> np.n
     if pixels.shape[:2] == (height, width):
         return pixels
     # frombuffer and tobytes: the same pixels as fromarray and asarray, 6 us an image less
-    mode = "L" if color == "grayscale" else "RGB"
+    mode = PILLOW_MODES[color]
     size = (pixels.shape[1], pixels.shape[0])
-    image = Image.frombuffer(mode, size, pixels, "raw", mode, 0, 1)
-    image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    image = _resize(Image.frombuffer(mode, size, pixels, "raw", mode, 0, 1), height, width)
     return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width, pixels.shape[2])
 
 

@@ -7,26 +7,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
-MODEL_NAMES = ("dense", "cnn", "numpy_mlp")
-KERAS_OPTIMIZERS = ("adam", "adamax", "rmsprop", "sgd")
+from imgpipe.images import PILLOW_MODES, channel_count
+from imgpipe.registry import model_types
+from imgpipe.runtime import StageError
+from imgpipe.sections import Section
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError, ValueError):
     """params.yaml is missing, malformed or holds a value the pipeline cannot use."""
 
 
-class _Section(BaseModel):
-    # strict: "5" is not 5; frozen: a loaded config cannot drift; forbid: misspelt keys fail
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class DataParams(_Section):
+class DataParams(Section):
     raw: str = Field(min_length=1)
 
 
-class Ratios(_Section):
+class Ratios(Section):
     train: float = Field(gt=0, lt=1)
     val: float = Field(ge=0, lt=1)
     test: float = Field(gt=0, lt=1)
@@ -39,21 +36,21 @@ class Ratios(_Section):
         return self
 
 
-class SplitParams(_Section):
+class SplitParams(Section):
     seed: int
     ratios: Ratios
     max_per_class: int | None = Field(ge=1)
 
 
-class ViewParams(_Section):
+class ViewParams(Section):
     height: int = Field(ge=1, le=4096)
     width: int = Field(ge=1, le=4096)
-    color: Literal["grayscale", "rgb"]
+    color: Literal[tuple(PILLOW_MODES)]  # type: ignore[valid-type]
 
     @property
     def channels(self) -> int:
         """Number of colour channels: 1 for grayscale, 3 for RGB."""
-        return 1 if self.color == "grayscale" else 3
+        return channel_count(self.color)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -61,84 +58,21 @@ class ViewParams(_Section):
         return (self.height, self.width, self.channels)
 
 
-class TabulateParams(_Section):
+class TabulateParams(Section):
     workers: int = Field(ge=0)
     rows_per_group: int = Field(ge=1)
 
 
-class TrainParams(_Section):
+class TrainParams(Section):
     seed: int
 
 
-class _Optimised(_Section):
-    learning_rate: float = Field(gt=0)
-    # exponential: lr * decay_rate ** (step / decay_steps); cosine: from lr down to 0 over the
-    # whole run (epochs x batches per epoch), and decay_steps / decay_rate are not used
-    schedule: Literal["exponential", "cosine"]
-    decay_steps: int = Field(ge=1)
-    decay_rate: float = Field(gt=0, le=1)
-    batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-
-
-class DenseParams(_Optimised):
-    hidden_units: list[int] = Field(min_length=1)
-    dropout: float = Field(ge=0, lt=1)
-    flip: Literal["none", "horizontal"]  # random horizontal flips of the training images
-    optimizer: Literal["adam", "adamax", "rmsprop", "sgd"]
-
-    @model_validator(mode="after")
-    def _positive_units(self) -> DenseParams:
-        _check_positive(self.hidden_units, "hidden_units")
-        return self
-
-
-class AugmentParams(_Section):
-    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"]
-    rotation: float = Field(ge=0, le=1)
-    zoom: float = Field(ge=0, lt=1)
-    shift: float = Field(ge=0, lt=1)
-
-
-class CnnParams(_Optimised):
-    filters: list[int] = Field(min_length=1)
-    convs_per_block: int = Field(ge=1)
-    batch_norm: bool
-    # weight of the old moving mean/variance at each training step
-    batch_norm_momentum: float = Field(gt=0, lt=1)
-    pooling: Literal["global_average", "flatten"]
-    head_units: int = Field(ge=1)
-    dropout: float = Field(ge=0, lt=1)
-    augment: AugmentParams
-    optimizer: Literal["adam", "adamax", "rmsprop", "sgd"]
-    precision: Literal["float32", "mixed_bfloat16"]
-
-    @model_validator(mode="after")
-    def _positive_filters(self) -> CnnParams:
-        _check_positive(self.filters, "filters")
-        return self
-
-
-class NumpyMlpParams(_Optimised):
-    hidden_units: list[int] = Field(min_length=1)
-    dropout: float = Field(ge=0, lt=1)
-    flip: Literal["none", "horizontal"]
-    output: Literal["softmax", "sigmoid"]
-    init: Literal["he", "xavier"]
-    optimizer: Literal["sgd", "momentum", "adam"]
-
-    @model_validator(mode="after")
-    def _positive_units(self) -> NumpyMlpParams:
-        _check_positive(self.hidden_units, "hidden_units")
-        return self
-
-
-class EvaluateParams(_Section):
+class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
     grid_images: int = Field(ge=1, le=64)
 
 
-class TrackingParams(_Section):
+class TrackingParams(Section):
     experiment: str = Field(min_length=1)
     uri: str | None
     # an MLflow server that cannot be reached when a stage starts: stop at once, or log into the
@@ -146,24 +80,27 @@ class TrackingParams(_Section):
     on_unreachable: Literal["fail", "local"]
 
 
-class Params(_Section):
-    """The whole of params.yaml."""
+class PipelineParams(Section):
+    """The sections of params.yaml that are not a model's own."""
 
     data: DataParams
     split: SplitParams
     views: dict[str, ViewParams] = Field(min_length=1)
     tabulate: TabulateParams
-    models: dict[Literal["dense", "cnn", "numpy_mlp"], str] = Field(min_length=1)
+    models: dict[str, str] = Field(min_length=1)  # model name -> view name
     train: TrainParams
-    dense: DenseParams
-    cnn: CnnParams
-    numpy_mlp: NumpyMlpParams
     evaluate: EvaluateParams
     tracking: TrackingParams
 
     @model_validator(mode="after")
-    def _models_use_known_views(self) -> Params:
+    def _models_are_known_and_use_known_views(self) -> PipelineParams:
+        known = model_types()
         for model_name, view_name in self.models.items():
+            if model_name not in known:
+                raise ValueError(
+                    f"models.{model_name}: unknown model; known models: {', '.join(known)} "
+                    "(README 'Adding a model' says how to add one)"
+                )
             if view_name not in self.views:
                 raise ValueError(
                     f"models.{model_name} names view {view_name!r}; "
@@ -171,11 +108,11 @@ class Params(_Section):
                 )
         return self
 
-    def model_section(self, model_name: str) -> DenseParams | CnnParams | NumpyMlpParams:
-        """The params section of one model."""
-        if model_name not in MODEL_NAMES:
+    def model_section(self, model_name: str) -> Section:
+        """The params section of one model (params.yaml `<model_name>:`)."""
+        if model_name not in model_types():
             raise ParamsError(
-                f"unknown model {model_name!r}; known models: {', '.join(MODEL_NAMES)}"
+                f"unknown model {model_name!r}; known models: {', '.join(model_types())}"
             )
         return getattr(self, model_name)
 
@@ -189,10 +126,14 @@ class Params(_Section):
         return self.views[self.models[model_name]]
 
 
-def _check_positive(values: list[int], name: str) -> None:
-    bad = [v for v in values if v < 1]
-    if bad:
-        raise ValueError(f"{name} must all be >= 1, got {values}")
+# The whole of params.yaml: the pipeline's sections plus one section per registered model type,
+# validated by that type's own params class (imgpipe/models/<name>.py).
+Params = create_model(
+    "Params",
+    __base__=PipelineParams,
+    __doc__="The whole of params.yaml.",
+    **{name: (entry.params_class, ...) for name, entry in model_types().items()},
+)
 
 
 def _format_error(error: dict[str, Any], raw: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="imgpipe-predict",
         description="Classify images with a model folder written by the train stage "
-        "(models/dense, models/cnn or models/numpy_mlp).",
+        "(models/<model>, e.g. models/cnn).",
     )
     parser.add_argument("model_dir", type=Path, help="a trained model folder, e.g. models/cnn")
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     from imgpipe.classifier import Classifier
+    from imgpipe.runtime import StageError
 
     try:
         classifier = Classifier.load(args.model_dir)
-    except (FileNotFoundError, ValueError) as error:
+    except (StageError, OSError, ValueError) as error:
         print(f"imgpipe-predict: {error}", file=sys.stderr)
         return 2
     paths = list(iter_image_paths(args.images))

@@ -1,4 +1,4 @@
-"""Process-level helpers shared by the stages: logging, CPU count, atomic file writes."""
+"""Process-level helpers shared by the stages: errors and logging, CPU count, atomic writes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+class StageError(Exception):
+    """A problem the user can fix (bad params, missing or unusable inputs): the stage stops with
+    this message, which says what to do next, and no traceback."""
+
+
+@contextmanager
+def stage_errors(stage: str) -> Iterator[None]:
+    """Turn a StageError raised inside the block into `[stage] message` and exit status 1."""
+    try:
+        yield
+    except StageError as error:
+        raise SystemExit(f"[{stage}] {error}") from None
 
 
 def setup_logging(stage: str) -> logging.Logger:

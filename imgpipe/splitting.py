@@ -1,13 +1,36 @@
-"""Stratified, seeded train/val/test split that keeps byte-identical duplicates together."""
+"""The split stage: a stratified, duplicate-aware split of records (split_dataset, pure) and
+split_images, which applies it to a folder or zip of raw images and copies them into
+data/split/{train,val,test}/<class>/."""
 
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+import logging
+import multiprocessing
+import time
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
-from imgpipe.images import Skipped
+from tqdm import tqdm
+
+from imgpipe.images import (
+    RawSource,
+    Skipped,
+    UnsafeArchiveError,
+    assign_labels,
+    check_image,
+    is_system_file,
+    printable,
+)
+from imgpipe.runtime import StageError, atomic_directory, cpu_count, write_json_atomic
+
+if TYPE_CHECKING:
+    from imgpipe.params import SplitParams
+
+log = logging.getLogger("imgpipe.splitting")
 
 SPLITS = ("train", "val", "test")
 
@@ -105,3 +128,151 @@ def split_dataset(
                 result.assigned[split_name].extend(group)
             start += sizes[split_name]
     return result
+
+
+def destination_names(records: list[Record]) -> dict[str, str]:
+    """<class>/<file name> for each record, made unique when two folders hold the same name."""
+    names: dict[str, str] = {}
+    taken: Counter[str] = Counter()
+    for record in sorted(records, key=lambda r: r.path):
+        file_name = printable(PurePosixPath(record.path).name)  # valid UTF-8 for tables
+        name = f"{record.label}/{file_name}"
+        if taken[name]:
+            name = f"{record.label}/{record.digest[:8]}-{file_name}"
+        copy_number = 1
+        while taken[name]:  # identical bytes under the same file name in several folders
+            copy_number += 1
+            name = f"{record.label}/{record.digest[:8]}-{copy_number}-{file_name}"
+        taken[name] += 1
+        names[record.path] = name
+    return names
+
+
+_source: RawSource | None = None  # one per worker process
+
+
+def _init_worker(raw: str) -> None:
+    global _source
+    _source = RawSource(raw)
+
+
+def _inspect(path: str) -> tuple[str, str | None]:
+    """(content digest, reason it is unreadable or None) for one raw file."""
+    assert _source is not None
+    data = _source.read(path)
+    return hashlib.blake2b(data, digest_size=16).hexdigest(), check_image(data)
+
+
+def _copy(job: tuple[str, str]) -> int:
+    """Copy one raw file to its destination; returns its size in bytes."""
+    assert _source is not None
+    source_path, destination = job
+    data = _source.read(source_path)
+    Path(destination).write_bytes(data)
+    return len(data)
+
+
+@dataclass(frozen=True)
+class SplitOutcome:
+    """What split_images did: the report it wrote, and the bytes copied."""
+
+    report: dict[str, Any]
+    skipped: list[Skipped]
+    bytes_written: int
+    seconds: float
+
+
+def split_images(raw: str, out_dir: Path, report_path: Path, settings: SplitParams) -> SplitOutcome:
+    """Check, label, split and copy the raw images (a zip or a folder) into out_dir.
+
+    Every file is decoded once to check it and hashed to keep duplicates together; unreadable
+    and unlabelled files are skipped and listed, with the reason, in the JSON report. out_dir
+    appears whole or not at all.
+    """
+    started = time.perf_counter()
+    try:
+        source = RawSource(raw)
+        all_files = source.list_files()
+    except (FileNotFoundError, UnsafeArchiveError) as error:
+        raise StageError(str(error)) from None
+    system_files = [f for f in all_files if is_system_file(f)]
+    oversized = source.oversized()
+    entries, unlabelled = assign_labels(
+        f for f in all_files if not is_system_file(f) and f not in oversized
+    )
+    unlabelled.extend(Skipped(path, reason) for path, reason in sorted(oversized.items()))
+    log.info(
+        "found %d files in %s (%d ignored as system files)", len(all_files), raw, len(system_files)
+    )
+
+    skipped: list[Skipped] = list(unlabelled)
+    records: list[Record] = []
+    with multiprocessing.Pool(cpu_count(), initializer=_init_worker, initargs=(raw,)) as pool:
+        results = pool.imap(_inspect, [e.path for e in entries], chunksize=64)
+        for entry, (digest, reason) in tqdm(
+            zip(entries, results, strict=True),
+            total=len(entries),
+            desc="split: checking images",
+            unit="img",
+        ):
+            if reason is None:
+                records.append(Record(entry.path, entry.label or "", digest))
+            else:
+                skipped.append(Skipped(entry.path, reason))
+
+        labels = sorted({r.label for r in records})
+        if len(labels) < 2:
+            raise StageError(
+                f"found {len(labels)} class(es) ({', '.join(labels) or 'none'}) in {raw}: "
+                "need at least two. Use class folders (<class>/<image>) or Kaggle names "
+                "(<class>.<id>.jpg)."
+            )
+        split = split_dataset(
+            records,
+            ratios=settings.ratios.model_dump(),
+            seed=settings.seed,
+            max_per_class=settings.max_per_class,
+        )
+        skipped.extend(split.left_out)
+        selected = [r for s in SPLITS for r in split.assigned[s]]
+        names = destination_names(selected)
+
+        with atomic_directory(out_dir) as staging:
+            jobs = [
+                (record.path, str(staging / split_name / names[record.path]))
+                for split_name in SPLITS
+                for record in split.assigned[split_name]
+            ]
+            for directory in {Path(d).parent for _, d in jobs}:
+                directory.mkdir(parents=True, exist_ok=True)
+            for split_name in SPLITS:  # every class folder exists in every split, even if empty
+                for label in labels:
+                    (staging / split_name / label).mkdir(parents=True, exist_ok=True)
+            written = sum(
+                tqdm(
+                    pool.imap_unordered(_copy, jobs, chunksize=64),
+                    total=len(jobs),
+                    desc="split: writing",
+                    unit="img",
+                )
+            )
+
+    report = {
+        "dataset": Path(raw).name,
+        "source": raw,
+        "seed": settings.seed,
+        "ratios": settings.ratios.model_dump(),
+        "max_per_class": settings.max_per_class,
+        "files_found": len(all_files),
+        "system_files_ignored": len(system_files),
+        "readable": len(records),
+        "selected": len(selected),
+        "not_selected_by_cap": len(records) - len(selected) - len(split.left_out),
+        "duplicate_groups": split.duplicate_groups,
+        "classes": labels,
+        "totals": {s: len(split.assigned[s]) for s in SPLITS},
+        "counts": split.counts(),
+        "skipped": [{"path": printable(s.path), "reason": s.reason} for s in skipped],
+    }
+    write_json_atomic(report_path, report)
+    return SplitOutcome(report, skipped, written, time.perf_counter() - started)

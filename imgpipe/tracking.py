@@ -15,13 +15,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
+
+from imgpipe.runtime import StageError
+
+if TYPE_CHECKING:
+    from imgpipe.params import TrackingParams
 
 log = logging.getLogger("imgpipe.tracking")
 
@@ -31,30 +36,30 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
-def tracking_uri(configured: str | None) -> str:
-    """MLFLOW_TRACKING_URI, else params' tracking.uri, else sqlite:///<repo root>/mlflow.db."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if configured:
-        return configured
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
-
-
-class TrackingUnavailableError(RuntimeError):
-    """The MLflow tracking server cannot be reached."""
-
-
 def local_uri() -> str:
     """The local store: sqlite:///<repo root>/mlflow.db."""
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def limit_http_retries() -> None:
+def tracking_uri(configured: str | None) -> str:
+    """MLFLOW_TRACKING_URI, else params' tracking.uri, else the local store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or local_uri()
+
+
+class TrackingUnavailableError(StageError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def configure_mlflow() -> None:
     """Bound how long one call to an unreachable server waits (MLflow retries 7 times with
-    exponential backoff by default: minutes per call). Explicit environment settings win."""
+    exponential backoff by default: minutes per call), and keep MLflow's own progress bars and
+    start-up notes out of the stage's output. Explicit environment settings win."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # "Creating initial MLflow database tables...": a new local store, nothing to act on
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
@@ -75,19 +80,19 @@ def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def open_store(configured: str | None, on_unreachable: str) -> str:
-    """The tracking URI a stage logs to, checked before any work starts.
+def open_store(tracking: TrackingParams) -> Store:
+    """The store a stage logs to (params' `tracking:`), checked before any work starts.
 
     An unreachable server stops the stage at once (on_unreachable "fail") or is replaced by the
     local sqlite store with a warning (on_unreachable "local").
     """
-    limit_http_retries()
-    uri = tracking_uri(configured)
+    configure_mlflow()
+    uri = tracking_uri(tracking.uri)
     reason = unreachable_reason(uri)
     if reason is None:
-        return uri
+        return Store(uri, tracking.experiment)
     local = local_uri()
-    if on_unreachable == "local":
+    if tracking.on_unreachable == "local":
         log.warning(
             "MLflow server %s is unreachable (%s): logging into the local store %s instead "
             "(tracking.on_unreachable: local)",
@@ -95,7 +100,7 @@ def open_store(configured: str | None, on_unreachable: str) -> str:
             reason,
             local,
         )
-        return local
+        return Store(local, tracking.experiment)
     raise TrackingUnavailableError(
         f"MLflow server {uri} is unreachable ({reason}); nothing was done. Start the server, "
         "or point MLFLOW_TRACKING_URI / tracking.uri at one that runs, or run with "
@@ -134,13 +139,65 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+class Store:
+    """One MLflow tracking store and experiment: opens new runs and finds earlier ones."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def start_run(
+        self, *, model_name: str, dataset: str, data_hash: str, params: Mapping[str, Any]
+    ) -> Run:
+        """Open a new run named after the model and, when DVC runs an experiment, its name."""
+        mlflow.set_tracking_uri(self.uri)
+        experiment_id = self._experiment_id()
+        exp_name = os.environ.get("DVC_EXP_NAME")
+        commit = git_commit()
+        tags = {
+            "model": model_name,
+            "dataset": dataset,
+            "data_hash": data_hash,
+            "git_commit": commit,
+            "mlflow.source.git.commit": commit,
+            "stage": f"train@{model_name}",
+        }
+        if exp_name:
+            tags["dvc_experiment"] = exp_name
+        run_name = f"{model_name}-{exp_name}" if exp_name else f"{model_name}-{commit[:7]}"
+        created = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = Run(created.info.run_id, self)
+        run.log_params(params)
+        log.info("MLflow run %s (%s) in %s", run_name, run.run_id, self.uri)
+        return run
+
+    def resume_run(self, run_id: str) -> Run | None:
+        """The run with this id, or None when this store does not have it."""
+        try:
+            self.client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            return None
+        mlflow.set_tracking_uri(self.uri)
+        return Run(run_id, self)
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+
 class Run:
     """An MLflow run for one model, created by train and resumed by evaluate."""
 
-    def __init__(self, run_id: str, uri: str) -> None:
+    def __init__(self, run_id: str, store: Store) -> None:
         self.run_id = run_id
-        self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = store.uri
+        self.client = store.client
         # Once a call fails (e.g. the server went away), later ones are not attempted: each would
         # wait for its retries. What was not logged is listed here for the stage to report.
         self.failure: str | None = None
@@ -173,51 +230,6 @@ class Run:
             "logging_error": self.failure,
             "unlogged": list(self.unlogged),
         }
-
-    @classmethod
-    def start(
-        cls,
-        *,
-        uri: str,
-        experiment: str,
-        model_name: str,
-        dataset: str,
-        data_hash: str,
-        params: Mapping[str, Any],
-    ) -> Run:
-        """Open a new run named after the model and, when DVC runs an experiment, its name."""
-        mlflow.set_tracking_uri(uri)
-        experiment_id = _experiment_id(uri, experiment)
-        exp_name = os.environ.get("DVC_EXP_NAME")
-        commit = git_commit()
-        tags = {
-            "model": model_name,
-            "dataset": dataset,
-            "data_hash": data_hash,
-            "git_commit": commit,
-            "mlflow.source.git.commit": commit,
-            "stage": f"train@{model_name}",
-        }
-        if exp_name:
-            tags["dvc_experiment"] = exp_name
-        run_name = f"{model_name}-{exp_name}" if exp_name else f"{model_name}-{commit[:7]}"
-        client = MlflowClient(tracking_uri=uri)
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        tracked = cls(run.info.run_id, uri)
-        tracked.log_params(params)
-        log.info("MLflow run %s (%s) in %s", run_name, run.info.run_id, uri)
-        return tracked
-
-    @classmethod
-    def resume(cls, run_id: str, uri: str) -> Run | None:
-        """The run with this id, or None when this store does not have it."""
-        client = MlflowClient(tracking_uri=uri)
-        try:
-            client.get_run(run_id)
-        except mlflow.exceptions.MlflowException:
-            return None
-        mlflow.set_tracking_uri(uri)
-        return cls(run_id, uri)
 
     def reopen(self) -> None:
         """Mark a run RUNNING again: an interrupted training run continues in it."""
@@ -274,15 +286,15 @@ class Run:
 
         def log() -> None:
             with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-                mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=ImageClassifierModel(),
-                    artifacts={"model": str(model_file), "meta": str(meta_file)},
-                    pip_requirements=_requirements(),
-                    # the imgpipe package travels with the model, so `mlflow models serve` and
-                    # load_model work wherever keras, tensorflow and mlflow are installed
-                    code_paths=[str(Path(__file__).resolve().parent)],
-                )
+                # its warning that a Python object is pickled is about loading models from
+                # strangers; this one is ours, and its weights are in their own files
+                pyfunc_log = logging.getLogger("mlflow.pyfunc")
+                level = pyfunc_log.level
+                pyfunc_log.setLevel(logging.ERROR)
+                try:
+                    _log_pyfunc_model(model_file, meta_file)
+                finally:
+                    pyfunc_log.setLevel(level)
 
         if not self._attempt("model (MLflow pyfunc)", log) and mlflow.active_run() is not None:
             # forget the half-opened fluent run locally; ending it remotely may fail too
@@ -327,21 +339,32 @@ class Run:
         )
 
 
-def _experiment_id(uri: str, name: str) -> str:
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
-        return client.get_experiment_by_name(name).experiment_id
+def _log_pyfunc_model(model_file: Path, meta_file: Path) -> None:
+    """mlflow.pyfunc.log_model into the active run: the classifier wrapper, its files, and the
+    imgpipe package itself, so that `mlflow models serve` and load_model work wherever keras,
+    tensorflow, scikit-learn and mlflow are installed."""
+    mlflow.pyfunc.log_model(
+        name="model",
+        python_model=ImageClassifierModel(),
+        artifacts={"model": str(model_file), "meta": str(meta_file)},
+        pip_requirements=_requirements(),
+        code_paths=[str(Path(__file__).resolve().parent)],
+    )
 
 
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    names = ["imgpipe", "keras", "tensorflow", "numpy", "pandas", "pillow", "mlflow"]
+    names = [
+        "imgpipe",
+        "keras",
+        "tensorflow",
+        "numpy",
+        "pandas",
+        "pillow",
+        "scikit-learn",
+        "mlflow",
+    ]
     pins = []
     for name in names:
         try:
@@ -354,10 +377,15 @@ def _requirements() -> list[str]:
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc wrapper around imgpipe.classifier.Classifier.
 
-    Input: a uint8 array (N, H, W, C) in the model's view, or a DataFrame with an `image` column of
-    encoded image bytes (or base64 text, as in a JSON serving request). Output: a DataFrame with
-    `label`, `probability`, one `p_<class>` column per class, and `error` for unreadable images.
+    Input: a uint8 array (N, H, W, C) in the model's view, or a DataFrame with an `image`
+    column of encoded image bytes (or base64 text, as in a JSON serving request). Output: a
+    DataFrame with `label`, `probability`, one `p_<class>` column per class, and `error` for
+    unreadable images.
     """
+
+    # MLflow wraps predict() for type-hint validation and warns when it has no hints; its input
+    # is an array or a DataFrame, and a hint would make MLflow enforce one of them
+    _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the weights and meta.json from the logged artifacts."""
@@ -382,7 +410,10 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         for index, value in enumerate(model_input["image"]):
             try:
                 images.append(_image_bytes(value))
-            except (TypeError, ValueError) as error:  # bad base64 or a missing value: this row only
+            except (
+                TypeError,
+                ValueError,
+            ) as error:  # bad base64 or a missing value: this row only
                 images.append(b"")
                 problems[index] = str(error)
         rows = []

@@ -1,269 +1,185 @@
-"""Training loops for Keras models and the NumPy MLP: uint8 pixels in, per-epoch logs out."""
+"""The train stage's core: read a view's tables, train one model type from the registry, write
+models/<model>/ whole, and log the run to MLflow."""
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from imgpipe.params import CnnParams, DenseParams, NumpyMlpParams
+from imgpipe.checkpoints import TrainingCheckpoint, fingerprint
+from imgpipe.model_folder import ModelFolder, ModelMeta
+from imgpipe.registry import EpochCallback, TrainingData, TrainResult, model_type
+from imgpipe.runtime import StageError
+from imgpipe.tables import read_table
 
 if TYPE_CHECKING:
-    import keras
-
-    from imgpipe.checkpoints import TrainingCheckpoint
+    from imgpipe.params import Params
+    from imgpipe.tracking import Run
 
 log = logging.getLogger("imgpipe.training")
 
-EpochCallback = Callable[[int, dict[str, float]], None]
-HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What train_model did, for the stage's summary."""
+
+    result: TrainResult
+    folder: ModelFolder
+    weights_file: str
+    run_id: str
+    inputs: tuple[Path, Path]  # the train and val tables read
 
 
-@dataclass
-class TrainResult:
-    """A trained model with its per-epoch history and cost."""
-
-    model: object
-    history: dict[str, list[float]]
-    seconds: float
-    images_per_second: float
-    parameters: int
-    extra: dict[str, float] = field(default_factory=dict)
-    resumed_from_epoch: int = 0  # epochs restored from a checkpoint instead of trained here
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and the Keras backend, and ask TensorFlow for deterministic ops."""
-    random.seed(seed)
-    np.random.seed(seed)
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
+def run_params(model_name: str, params: Params, n_train: int, n_val: int) -> dict[str, Any]:
+    """Every value that shapes a trained model, as logged to MLflow (and fingerprinted for
+    resuming): the model's own section, its view, and how its data was chosen and split.
+    (`tabulate:` only says how fast the tables are made: they are the same for any value.)"""
+    view_name = params.models[model_name]
+    return {
+        "model": model_name,
+        "data": params.data.model_dump(),
+        "split": params.split.model_dump(),
+        "view": {"name": view_name, **params.views[view_name].model_dump()},
+        "train": params.train.model_dump(),
+        model_name: params.model_section(model_name).model_dump(),
+        "n_train": n_train,
+        "n_val": n_val,
+    }
 
 
-def _clean_history(raw: dict[str, list]) -> dict[str, list[float]]:
-    return {key: [float(v) for v in raw[key]] for key in HISTORY_KEYS if key in raw}
+def _epoch_reporter(run: Run, *, epochs: int) -> EpochCallback:
+    """An on_epoch_end that logs `epoch 3/20: loss ..., ... (4.1 s)` and the epoch to MLflow."""
+    started = [time.perf_counter()]
 
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled sample order of one epoch: depends only on (seed, epoch), not on what ran
-    before in this process, so a run resumed at epoch k sees the same batches as one that never
-    stopped."""
-    return np.random.default_rng([seed, epoch]).permutation(n)  # (N,)
-
-
-def training_state(model: keras.Model) -> dict[str, np.ndarray]:
-    """Every variable training changes: weights, batch-norm statistics, the random-seed states of
-    dropout and augmentation layers (model.variables) and the optimizer's slots and step count."""
-    arrays = {f"model_{i}": np.asarray(v) for i, v in enumerate(model.variables)}
-    arrays.update({f"opt_{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
-    return arrays
-
-
-def restore_training_state(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
-    """Put back what training_state saved, into a model built and compiled the same way."""
-    targets = {f"model_{i}": v for i, v in enumerate(model.variables)}
-    targets.update({f"opt_{i}": v for i, v in enumerate(model.optimizer.variables)})
-    if set(targets) != set(arrays):
-        raise ValueError(
-            f"checkpoint holds {len(arrays)} arrays but the model and optimizer have "
-            f"{len(targets)} variables"
-        )
-    for name, variable in targets.items():
-        if tuple(variable.shape) != arrays[name].shape:
-            raise ValueError(f"checkpoint array {name} has shape {arrays[name].shape}")
-        variable.assign(arrays[name])
-
-
-def compiled_model(
-    model_name: str,
-    params: DenseParams | CnnParams,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    train_size: int,
-) -> keras.Model:
-    """A registered Keras model built in its params' precision and compiled as training does.
-
-    train_size (the number of training images) sets the length of a cosine schedule.
-    """
-    import keras
-
-    from imgpipe.models import build_model, build_optimizer
-
-    keras.mixed_precision.set_dtype_policy(getattr(params, "precision", "float32"))
-    try:
-        model = build_model(model_name, input_shape, num_classes, params)
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
-    model.compile(
-        optimizer=build_optimizer(
-            params.optimizer,
-            learning_rate=params.learning_rate,
-            decay_steps=params.decay_steps,
-            decay_rate=params.decay_rate,
-            schedule=params.schedule,
-            total_steps=params.epochs * math.ceil(train_size / params.batch_size),
-        ),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
-
-
-def train_keras(
-    model_name: str,
-    params: DenseParams | CnnParams,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    num_classes: int,
-    seed: int,
-    on_epoch_end: EpochCallback | None = None,
-    checkpoint: TrainingCheckpoint | None = None,
-) -> TrainResult:
-    """Build, compile and fit a registered Keras model on uint8 pixels (N, H, W, C).
-
-    With a checkpoint, each finished epoch is saved to it, and a matching checkpoint found at the
-    start is restored: training continues after its last epoch and ends exactly where an
-    uninterrupted run would (same batches, same dropout and augmentation draws, same optimizer
-    state).
-    """
-    import keras
-
-    seed_everything(seed)
-    model = compiled_model(
-        model_name, params, tuple(x_train.shape[1:]), num_classes, train_size=len(x_train)
-    )
-    model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
-    history: dict[str, list[float]] = {}
-    first_epoch, earlier_seconds = 0, 0.0
-    state = checkpoint.load() if checkpoint is not None else None
-    if state is not None and state.epochs_done <= params.epochs:
-        restore_training_state(model, state.arrays)
-        history, first_epoch, earlier_seconds = state.history, state.epochs_done, state.seconds
+    def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
         log.info(
-            "resuming from checkpoint %s after epoch %d of %d",
-            checkpoint.directory if checkpoint else "",
-            first_epoch,
-            params.epochs,
+            "epoch %d/%d: %s (%.1f s)",
+            epoch + 1,
+            epochs,
+            ", ".join(f"{key} {value:.4f}" for key, value in logs.items()),
+            time.perf_counter() - started[0],
         )
-    callbacks: list[keras.callbacks.Callback] = []
-    if on_epoch_end is not None:
-        callbacks.append(
-            keras.callbacks.LambdaCallback(
-                on_epoch_end=lambda epoch, logs: on_epoch_end(epoch, _float_logs(logs))
-            )
-        )
-    verbose = 2 if os.environ.get("CI") else 1
-    started = time.perf_counter()
-    for epoch in range(first_epoch, params.epochs):
-        log.info("epoch %d/%d", epoch + 1, params.epochs)
-        order = epoch_order(len(x_train), seed, epoch)  # a uint8 copy per epoch, never floats
-        fitted = model.fit(
-            x_train[order],
-            y_train[order],
-            validation_data=(x_val, y_val) if len(x_val) else None,
-            batch_size=params.batch_size,
-            initial_epoch=epoch,
-            epochs=epoch + 1,
-            shuffle=False,  # epoch_order shuffled it, reproducibly per epoch
-            callbacks=callbacks,
-            verbose=verbose,
-        )
-        for key, values in _clean_history(fitted.history).items():
-            history.setdefault(key, []).extend(values)
-        if checkpoint is not None:
-            seconds = earlier_seconds + time.perf_counter() - started
-            checkpoint.save(epoch + 1, history, training_state(model), seconds)
-    seconds = time.perf_counter() - started
-    epochs_here = params.epochs - first_epoch
-    return TrainResult(
-        model=model,
-        history=history,
-        seconds=earlier_seconds + seconds,
-        images_per_second=len(x_train) * epochs_here / max(seconds, 1e-9),
-        parameters=int(model.count_params()),
-        resumed_from_epoch=first_epoch,
-    )
+        started[0] = time.perf_counter()
+        run.log_epoch(epoch, logs)
+
+    return on_epoch_end
 
 
-def _float_logs(logs: dict | None) -> dict[str, float]:
-    return {key: float(value) for key, value in (logs or {}).items() if key in HISTORY_KEYS}
-
-
-def train_numpy_mlp(
-    params: NumpyMlpParams,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+def train_model(
+    model_name: str,
+    params: Params,
     *,
-    num_classes: int,
-    seed: int,
-    on_epoch_end: EpochCallback | None = None,
-) -> TrainResult:
-    """Train the from-scratch NumPy MLP on uint8 pixels (N, H, W, C)."""
-    from imgpipe.numpy_mlp import NumpyMLP
+    tables_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path | None,
+) -> TrainOutcome:
+    """Train `model_name` on tables_dir/{train,val}.parquet and write out_dir (models/<model>).
 
-    if params.output == "sigmoid" and num_classes != 2:
-        raise ValueError(
-            f"numpy_mlp.output: sigmoid needs exactly 2 classes, the data has {num_classes}; "
-            "use softmax"
+    With checkpoint_dir, a model type that trains epoch by epoch saves every epoch there, and an
+    interrupted run resumes from it (in the same MLflow run). The MLflow store is checked before
+    anything else: an unreachable server stops training before it starts.
+    """
+    from imgpipe import tracking  # deferred: importing mlflow takes seconds
+
+    entry = model_type(model_name)
+    section = params.model_section(model_name)
+    view = params.view_of(model_name)  # a model not under `models:` stops here, with the list
+    view_name = params.models[model_name]
+    store = tracking.open_store(params.tracking)
+
+    train_path, val_path = tables_dir / "train.parquet", tables_dir / "val.parquet"
+    train = read_table(train_path, with_sources=False)
+    val = read_table(val_path, with_sources=False)
+    if tuple(train.pixels.shape[1:]) != view.shape:
+        raise StageError(
+            f"{train_path} holds {train.pixels.shape[1:]} images but view {view_name} is "
+            f"{view.shape}: run `dvc repro tabulate` first"
         )
-    n_inputs = int(np.prod(x_train.shape[1:]))
-    n_outputs = 1 if params.output == "sigmoid" else num_classes
-    model = NumpyMLP(
-        [n_inputs, *params.hidden_units, n_outputs],
-        output=params.output,
-        init=params.init,
-        seed=seed,
+    data = TrainingData(
+        train.pixels, train.labels, val.pixels, val.labels, num_classes=len(train.class_names)
+    )
+    dataset = Path(params.data.raw).name
+    log.info(
+        "dataset %s: %d train and %d val images of %s %s, %d classes",
+        dataset,
+        len(train.labels),
+        len(val.labels),
+        view_name,
+        "x".join(map(str, view.shape)),
+        data.num_classes,
     )
 
-    def report(epoch: int, logs: dict[str, float]) -> None:
-        print(
-            f"Epoch {epoch + 1}/{params.epochs} - "
-            + " - ".join(f"{key}: {value:.4f}" for key, value in logs.items()),
-            flush=True,
+    data_hash = tracking.files_digest([train_path, val_path])
+    logged_params = {
+        **run_params(model_name, params, len(train.labels), len(val.labels)),
+        "classes": ",".join(train.class_names),
+    }
+    checkpoint = None
+    if checkpoint_dir is not None and entry.resumable:
+        checkpoint = TrainingCheckpoint(
+            checkpoint_dir, fingerprint({**logged_params, "data_hash": data_hash})
         )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, logs)
+    resumed_run_id = (checkpoint.saved_extra() or {}).get("run_id") if checkpoint else None
+    run = store.resume_run(resumed_run_id) if resumed_run_id else None
+    if run is not None:
+        run.reopen()
+        log.info("continuing MLflow run %s of the interrupted training", run.run_id)
+    else:
+        run = store.start_run(
+            model_name=model_name, dataset=dataset, data_hash=data_hash, params=logged_params
+        )
+    if checkpoint is not None:
+        checkpoint.extra = {"run_id": run.run_id}
 
-    started = time.perf_counter()
-    history = model.fit(
-        x_train,
-        y_train,
-        x_val=x_val,
-        y_val=y_val,
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        learning_rate=params.learning_rate,
-        optimizer=params.optimizer,
-        schedule=params.schedule,
-        decay_steps=params.decay_steps,
-        decay_rate=params.decay_rate,
-        dropout=params.dropout,
-        flip=params.flip,
-        seed=seed,
-        on_epoch_end=report,
-    )
-    seconds = time.perf_counter() - started
-    return TrainResult(
-        model=model,
-        history=_clean_history(history),
-        seconds=seconds,
-        images_per_second=len(x_train) * params.epochs / seconds,
-        parameters=model.count_params(),
-    )
+    folder = ModelFolder(out_dir)
+    try:
+        result = entry.train(
+            section,
+            data,
+            seed=params.train.seed,
+            on_epoch_end=_epoch_reporter(run, epochs=entry.planned_epochs(section)),
+            checkpoint=checkpoint,
+        )
+        meta = ModelMeta(
+            model=model_name,
+            view=view_name,
+            height=view.height,
+            width=view.width,
+            color=view.color,
+            class_names=list(train.class_names),
+        )
+        summary = {
+            "train_seconds": round(result.seconds, 2),
+            "train_images_per_second": round(result.images_per_second, 1),
+            "parameters": result.parameters,
+            "resumed_from_epoch": result.resumed_from_epoch,
+        }
+        folder.write(
+            meta, result.model, summary=summary, history=result.history, run_report=run.report()
+        )
+        if checkpoint is not None:
+            checkpoint.clear()  # the model is saved: a rerun must train afresh, not resume
+        run.log_metrics(summary)
+        run.log_file(folder.history_csv)
+        run.log_model(folder.weights_path(meta), folder.meta_path)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    if run.unlogged:  # the model is complete; say exactly what MLflow is missing
+        folder.write_run_report(run.report())
+        log.warning(
+            "MLflow run %s in %s is missing %d item(s) because logging failed (%s); the model "
+            "and its files are complete. Missing: %s. They are listed in %s; rerun "
+            "`dvc repro -f train@%s` once the server is back to log everything.",
+            run.run_id,
+            run.uri,
+            len(run.unlogged),
+            run.failure,
+            "; ".join(run.unlogged),
+            folder.run_file,
+            model_name,
+        )
+    return TrainOutcome(result, folder, entry.weights_file, run.run_id, (train_path, val_path))

@@ -1,10 +1,16 @@
-"""Helpers shared by the tests that run the project's commands in temporary git + DVC copies."""
+"""Helpers shared by the tests: commands in temporary git + DVC copies, training on arrays."""
 
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 from pathlib import Path
+
+import numpy as np
+
+from imgpipe.checkpoints import TrainingCheckpoint
+from imgpipe.registry import EpochCallback, TrainingData, TrainResult, model_type
 
 BIN = Path(sys.executable).parent  # this venv's commands: dvc, mlflow, imgpipe-predict
 
@@ -21,3 +27,37 @@ def command_env() -> dict[str, str]:
         GIT_COMMITTER_EMAIL="test@example.com",
     )
     return env
+
+
+def fit(
+    model_name: str,
+    section: object,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    num_classes: int,
+    seed: int,
+    on_epoch_end: EpochCallback | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
+) -> TrainResult:
+    """Train a registered model type on arrays, as the train stage does (without files)."""
+    return model_type(model_name).train(
+        section,
+        TrainingData(x_train, y_train, x_val, y_val, num_classes=num_classes),
+        seed=seed,
+        on_epoch_end=on_epoch_end or (lambda epoch, logs: None),
+        checkpoint=checkpoint,
+    )
+
+
+def run_stage(stage: str, *arguments: str) -> None:
+    """Run `python -m stages.<stage> arguments...` in this process (faster than a subprocess):
+    the stage's own entry point, its argument parsing and its `[stage] message` exits."""
+    saved = sys.argv
+    sys.argv = [f"stages/{stage}.py", *arguments]
+    try:
+        runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=False)
+    finally:
+        sys.argv = saved

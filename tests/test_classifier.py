@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgpipe.classifier import KERAS_FILE, META_FILE, NUMPY_FILE, Classifier, ModelMeta
-from imgpipe.numpy_mlp import NumpyMLP
+from imgpipe.classifier import Classifier
+from imgpipe.model_folder import META_FILE, ModelMeta
+from imgpipe.models.numpy_mlp import NumpyMLP
 from imgpipe.params import load_params
-from imgpipe.training import train_keras
+from imgpipe.registry import model_type
+from imgpipe.runtime import StageError
+from tests.support import fit
+
+KERAS_FILE = model_type("dense").weights_file
+NUMPY_FILE = model_type("numpy_mlp").weights_file
 
 CLASS_NAMES = ["cat", "dog", "fish"]
 # height != width, so that a transposed view would be caught
@@ -33,9 +39,9 @@ def random_pixels(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
 
 
-def write_meta(folder: Path, *, model: str, kind: str, view: dict) -> ModelMeta:
+def write_meta(folder: Path, *, model: str, view: dict) -> ModelMeta:
     """Write meta.json as the train stage does, and return it."""
-    meta = ModelMeta(model=model, kind=kind, class_names=list(CLASS_NAMES), **view)
+    meta = ModelMeta(model=model, class_names=list(CLASS_NAMES), **view)
     (folder / META_FILE).write_text(json.dumps(meta.to_json()))
     return meta
 
@@ -57,7 +63,7 @@ def numpy_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Num
     n_inputs = int(np.prod(view_shape(GRAY_VIEW)))
     model = NumpyMLP([n_inputs, 8, len(CLASS_NAMES)], output="softmax", init="he", seed=0)
     model.save(folder / NUMPY_FILE)
-    write_meta(folder, model="numpy_mlp", kind="numpy", view=GRAY_VIEW)
+    write_meta(folder, model="numpy_mlp", view=GRAY_VIEW)
     return folder, model
 
 
@@ -73,11 +79,11 @@ def keras_model_dir(
     shape = view_shape(RGB_VIEW)
     x = random_pixels((48, *shape), seed=1)
     y = np.arange(48) % len(CLASS_NAMES)
-    result = train_keras(
+    result = fit(
         "dense", section, x[:40], y[:40], x[40:], y[40:], num_classes=len(CLASS_NAMES), seed=0
     )
     result.model.save(folder / KERAS_FILE)
-    write_meta(folder, model="dense", kind="keras", view=RGB_VIEW)
+    write_meta(folder, model="dense", view=RGB_VIEW)
     return folder, result.model
 
 
@@ -103,8 +109,11 @@ def classifier(request: pytest.FixtureRequest) -> Classifier:
 
 
 def test_model_meta_survives_json(tmp_path: Path) -> None:
-    meta = write_meta(tmp_path, model="cnn", kind="keras", view=RGB_VIEW)
-    assert ModelMeta.from_json(json.loads((tmp_path / META_FILE).read_text())) == meta
+    meta = write_meta(tmp_path, model="cnn", view=RGB_VIEW)
+    assert ModelMeta.read(tmp_path / META_FILE) == meta
+    # meta.json files from before the registry also name a `kind`: still readable
+    (tmp_path / "old.json").write_text(json.dumps({**meta.to_json(), "kind": "keras"}))
+    assert ModelMeta.read(tmp_path / "old.json") == meta
 
 
 def test_keras_model_round_trip_in_safe_mode(
@@ -127,9 +136,7 @@ def test_classifier_loads_a_keras_model_folder(
     keras_model_dir: tuple[Path, keras.Model], keras_classifier: Classifier
 ) -> None:
     _, model = keras_model_dir
-    assert keras_classifier.meta == ModelMeta(
-        model="dense", kind="keras", class_names=CLASS_NAMES, **RGB_VIEW
-    )
+    assert keras_classifier.meta == ModelMeta(model="dense", class_names=CLASS_NAMES, **RGB_VIEW)
     pixels = random_pixels((5, *view_shape(RGB_VIEW)), seed=3)
     np.testing.assert_array_equal(
         keras_classifier.predict_proba(pixels), model.predict(pixels, verbose=0)
@@ -140,7 +147,7 @@ def test_classifier_loads_a_numpy_model_folder(
     numpy_model_dir: tuple[Path, NumpyMLP], numpy_classifier: Classifier
 ) -> None:
     _, model = numpy_model_dir
-    assert numpy_classifier.meta.kind == "numpy"
+    assert numpy_classifier.meta.model == "numpy_mlp"
     assert numpy_classifier.meta.class_names == CLASS_NAMES
     pixels = random_pixels((6, *view_shape(GRAY_VIEW)), seed=4)
     np.testing.assert_array_equal(
@@ -152,16 +159,16 @@ def test_load_without_meta_json_says_to_run_dvc_repro(
     tmp_path: Path, numpy_model_dir: tuple[Path, NumpyMLP]
 ) -> None:
     (tmp_path / NUMPY_FILE).write_bytes((numpy_model_dir[0] / NUMPY_FILE).read_bytes())
-    with pytest.raises(FileNotFoundError, match=r"dvc repro") as raised:
+    with pytest.raises(StageError, match=r"dvc repro") as raised:
         Classifier.load(tmp_path)
     assert META_FILE in str(raised.value)
-    with pytest.raises(FileNotFoundError, match=r"dvc repro"):
+    with pytest.raises(StageError, match=r"dvc repro"):
         Classifier.load(tmp_path / "no-such-folder")
 
 
-def test_load_refuses_an_unknown_model_kind(tmp_path: Path) -> None:
-    write_meta(tmp_path, model="dense", kind="onnx", view=GRAY_VIEW)
-    with pytest.raises(ValueError, match=r"'onnx'"):
+def test_load_refuses_an_unknown_model_type_naming_the_known_ones(tmp_path: Path) -> None:
+    write_meta(tmp_path, model="onnx", view=GRAY_VIEW)
+    with pytest.raises(StageError, match=r"'onnx' is unknown.*cnn, dense, logreg, numpy_mlp"):
         Classifier.load(tmp_path)
 
 

@@ -17,10 +17,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from imgpipe import tabulating
+from imgpipe.demo import write_demo_images
 from imgpipe.images import decode_image, split_files
-from imgpipe.splitting import SPLITS, Record
+from imgpipe.splitting import SPLITS, Record, destination_names
 from imgpipe.tables import read_table, table_info
-from stages import demo, split, tabulate
+from tests.support import run_stage
 
 VIEWS = {
     "gray16": {"height": 16, "width": 16, "color": "grayscale"},
@@ -84,7 +86,7 @@ class Run:
 
 def _run_split(directory: Path, name: str = "split") -> tuple[Path, dict[str, Any]]:
     split_dir, report_path = directory / name, directory / f"{name}-report.json"
-    split.main(["--out", str(split_dir), "--report", str(report_path)])
+    run_stage("split", "--out", str(split_dir), "--report", str(report_path))
     return split_dir, json.loads(report_path.read_text(encoding="utf-8"))
 
 
@@ -93,7 +95,7 @@ def _run(directory: Path, name: str = "run", with_tables: bool = True) -> Run:
     tables_dir = None
     if with_tables:
         tables_dir = directory / f"{name}-tables"
-        tabulate.main(["--split", str(split_dir), "--out", str(tables_dir)])
+        run_stage("tabulate", "--split", str(split_dir), "--out", str(tables_dir))
     return Run(split_dir, report, tables_dir)
 
 
@@ -234,8 +236,8 @@ def test_duplicates_land_in_the_same_split(first_run: Run) -> None:
 def test_tables_have_a_row_per_image_in_their_split(first_run: Run) -> None:
     assert first_run.tables_dir is not None
     listed = sorted(p.name for p in first_run.tables_dir.iterdir())
-    assert listed == sorted([*VIEWS, tabulate.SKIPPED_REPORT])
-    report = json.loads((first_run.tables_dir / tabulate.SKIPPED_REPORT).read_text())
+    assert listed == sorted([*VIEWS, tabulating.SKIPPED_REPORT])
+    report = json.loads((first_run.tables_dir / tabulating.SKIPPED_REPORT).read_text())
     assert report == {"skipped": []}  # split only passes on images that decode
     for view_name, view in VIEWS.items():
         channels = 1 if view["color"] == "grayscale" else 3
@@ -283,7 +285,7 @@ def _tabulate_with(
     *,
     workers: int,
     per_task: int,
-    task_bytes: int = tabulate.TASK_BYTES,
+    task_bytes: int = tabulating.TASK_BYTES,
 ) -> Path:
     """Run tabulate on split_dir with the given worker count and task size limits."""
     params = yaml.safe_load((directory / "params.yaml").read_text(encoding="utf-8"))
@@ -291,9 +293,9 @@ def _tabulate_with(
     (directory / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     out = directory / name
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tabulate, "IMAGES_PER_TASK", per_task)
-        patch.setattr(tabulate, "TASK_BYTES", task_bytes)
-        tabulate.main(["--split", str(split_dir), "--out", str(out)])
+        patch.setattr(tabulating, "IMAGES_PER_TASK", per_task)
+        patch.setattr(tabulating, "TASK_BYTES", task_bytes)
+        run_stage("tabulate", "--split", str(split_dir), "--out", str(out))
     return out
 
 
@@ -331,7 +333,7 @@ def test_tables_do_not_depend_on_workers_or_task_size(
         table = read_table(one / view_name / "train.parquet")
         assert broken.name not in {s.rsplit("/", 1)[-1] for s in table.sources}
         assert table.sources == sorted(table.sources)  # file order, whatever finished first
-    report = json.loads((one / tabulate.SKIPPED_REPORT).read_text(encoding="utf-8"))
+    report = json.loads((one / tabulating.SKIPPED_REPORT).read_text(encoding="utf-8"))
     assert [(s["view"], s["split"], Path(s["path"]).name) for s in report["skipped"]] == [
         (view_name, "train", broken.name) for view_name in VIEWS
     ]
@@ -339,10 +341,10 @@ def test_tables_do_not_depend_on_workers_or_task_size(
 
 
 def test_task_size_keeps_a_tasks_pixels_within_task_bytes() -> None:
-    assert tabulate.task_size((96, 96, 1)) == tabulate.IMAGES_PER_TASK  # 64 x 9 KB: 0.6 MB
-    per_task = tabulate.task_size((224, 224, 3))  # 150 KB an image
-    assert per_task * 224 * 224 * 3 <= tabulate.TASK_BYTES < (per_task + 1) * 224 * 224 * 3
-    assert tabulate.task_size((2048, 2048, 3)) == 1  # larger than TASK_BYTES: one at a time
+    assert tabulating.task_size((96, 96, 1)) == tabulating.IMAGES_PER_TASK  # 64 x 9 KB: 0.6 MB
+    per_task = tabulating.task_size((224, 224, 3))  # 150 KB an image
+    assert per_task * 224 * 224 * 3 <= tabulating.TASK_BYTES < (per_task + 1) * 224 * 224 * 3
+    assert tabulating.task_size((2048, 2048, 3)) == 1  # larger than TASK_BYTES: one at a time
 
 
 def test_decode_chunk_fills_the_rows_of_decoded_files_and_reports_the_others(
@@ -356,7 +358,7 @@ def test_decode_chunk_fills_the_rows_of_decoded_files_and_reports_the_others(
     (tmp_path / "c.png").write_bytes(image_factory("palette.png", 2))
     out = np.full((5, 6, 7, 3), 9, dtype=np.uint8)  # one row more than there are files
     view = (6, 7, "rgb")
-    decoded, errors = tabulate.decode_chunk([str(tmp_path / n) for n in names], view, out)
+    decoded, errors = tabulating.decode_chunk([str(tmp_path / n) for n in names], view, out)
     assert decoded == [0, 2]
     assert [index for index, _ in errors] == [1, 3]
     assert "FileNotFoundError" in errors[1][1]
@@ -372,7 +374,7 @@ def test_workers_decode_into_the_parents_task_slots(
     tmp_path: Path, image_factory: Callable[[str, int], bytes]
 ) -> None:
     shape = (5, 4, 1)
-    slots = tabulate.TaskSlots(count=3, slot_bytes=2 * 5 * 4)
+    slots = tabulating.TaskSlots(count=3, slot_bytes=2 * 5 * 4)
     paths = []
     for index in range(8):
         paths.append(tmp_path / f"{index}.png")
@@ -380,8 +382,8 @@ def test_workers_decode_into_the_parents_task_slots(
     view = (5, 4, "grayscale")
     jobs = [([str(p) for p in paths[i : i + 2]], view, shape, i // 2) for i in (0, 2, 4)]
     fork = multiprocessing.get_context("fork")
-    with fork.Pool(2, initializer=tabulate._init_worker, initargs=(slots,)) as pool:
-        results = pool.map(tabulate._decode_job, jobs)
+    with fork.Pool(2, initializer=tabulating._init_worker, initargs=(slots,)) as pool:
+        results = pool.map(tabulating._decode_job, jobs)
         assert results == [([0, 1], [])] * 3
         for task_number in range(3):  # written by the workers, read here: no pixels were sent
             for row in range(2):
@@ -389,7 +391,7 @@ def test_workers_decode_into_the_parents_task_slots(
                 expected = decode_image(data, height=5, width=4, color="grayscale")
                 np.testing.assert_array_equal(slots.view(task_number, 2, shape)[row], expected)
         # task 3 reuses task 0's slot
-        assert pool.map(tabulate._decode_job, [([str(paths[6])], view, shape, 3)])
+        assert pool.map(tabulating._decode_job, [([str(paths[6])], view, shape, 3)])
         expected = decode_image(paths[6].read_bytes(), height=5, width=4, color="grayscale")
         np.testing.assert_array_equal(slots.view(0, 1, shape)[0], expected)
 
@@ -413,7 +415,7 @@ def test_split_files_lists_each_class_folders_files_sorted(tmp_path: Path) -> No
 
 
 def test_row_group_buffer_cuts_exact_groups_in_order() -> None:
-    buffer = tabulate.RowGroupBuffer((2, 1, 1), rows_per_group=4)
+    buffer = tabulating.RowGroupBuffer((2, 1, 1), rows_per_group=4)
     groups = []
     for start, count in [(0, 3), (3, 6), (9, 0), (9, 2)]:
         values = np.arange(start, start + count, dtype=np.uint8)
@@ -455,7 +457,7 @@ class _FakePool:
 
 def test_ordered_results_keeps_order_and_bounds_work_in_flight() -> None:
     pool = _FakePool()
-    results = list(tabulate.ordered_results(pool, range(50), in_flight=4))
+    results = list(tabulating.ordered_results(pool, range(50), in_flight=4))
     assert results == list(range(50))
     assert pool.most_in_flight == 4
     assert pool.in_flight == 0
@@ -535,7 +537,7 @@ def test_destination_names_are_unique() -> None:
         Record("d/cat/1.jpg", "cat", same),
         Record("e/dog/1.jpg", "dog", same),
     ]
-    names = split.destination_names(records)
+    names = destination_names(records)
     assert set(names) == {r.path for r in records}
     assert len(set(names.values())) == len(records)
     for record in records:
@@ -589,7 +591,7 @@ def test_bad_params_stop_the_stage_before_any_work(
         _run_split(tmp_path)
     assert "split.ratios" in str(caught.value.code)
     with pytest.raises(SystemExit) as caught:
-        tabulate.main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "tables")])
+        run_stage("tabulate", "--split", str(tmp_path / "split"), "--out", str(tmp_path / "tables"))
     assert "split.ratios" in str(caught.value.code)
     assert not (tmp_path / "split").exists() and not (tmp_path / "tables").exists()
 
@@ -601,7 +603,9 @@ def test_tabulate_without_fork_says_what_to_do(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # Windows
     with pytest.raises(SystemExit, match=r"'fork' start method.*WSL"):
-        tabulate.main(["--split", str(first_run.split_dir), "--out", str(tmp_path / "tables")])
+        run_stage(
+            "tabulate", "--split", str(first_run.split_dir), "--out", str(tmp_path / "tables")
+        )
     assert not (tmp_path / "tables").exists()
 
 
@@ -618,7 +622,7 @@ def test_missing_raw_data_names_the_param(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_demo_writes_the_digits_as_class_folders(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    demo.main(["--out", str(out)])
+    assert write_demo_images(out) == (1797, 10)
     class_dirs = sorted(p for p in out.iterdir() if p.is_dir())
     assert [p.name for p in class_dirs] == [str(digit) for digit in range(10)]
     files = [p for p in out.rglob("*") if p.is_file()]

@@ -23,11 +23,11 @@ from PIL import Image
 
 from imgpipe import images
 from imgpipe.images import RawSource, check_image, printable
-from imgpipe.numpy_mlp import NumpyMLP
+from imgpipe.models.numpy_mlp import NumpyMLP
 from imgpipe.splitting import SPLITS
 from imgpipe.tables import read_table
-from stages import split, tabulate
 from tests.conftest import encode, exif_rotated_jpeg, make_image
+from tests.support import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_UTF8 = os.fsdecode(b"caf\xe9-\xff.png")  # Linux allows any bytes in a name
@@ -107,8 +107,8 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(project)
-        split.main(["--out", "split", "--report", "report.json"])
-        tabulate.main(["--split", "split", "--out", "tables"])
+        run_stage("split", "--out", "split", "--report", "report.json")
+        run_stage("tabulate", "--split", "split", "--out", "tables")
     yield project, json.loads((project / "report.json").read_text())
 
 
@@ -170,7 +170,7 @@ def test_kaggle_zip_with_names_that_do_not_follow_the_pattern(
             handle.writestr(name, data)
     write_params(tmp_path, archive)
     monkeypatch.chdir(tmp_path)
-    split.main(["--out", "split", "--report", "report.json"])
+    run_stage("split", "--out", "split", "--report", "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["classes"] == ["cat", "dog"]
     assert report["selected"] == 8
@@ -223,7 +223,7 @@ def test_archive_that_tries_to_escape_is_refused_and_nothing_written(
     monkeypatch.chdir(project)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as caught:
-        split.main(["--out", "data/split", "--report", "data/split-report.json"])
+        run_stage("split", "--out", "data/split", "--report", "data/split-report.json")
     message = str(caught.value.code)
     assert message.startswith("[split] refusing")
     assert reason in message and "Re-pack" in message
@@ -247,7 +247,7 @@ def test_zip_bomb_entry_is_skipped_without_being_read(
     assert archive.stat().st_size < 2**20
     write_params(tmp_path, archive)
     monkeypatch.chdir(tmp_path)
-    split.main(["--out", "split", "--report", "report.json"])
+    run_stage("split", "--out", "split", "--report", "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     skipped = {item["path"]: item["reason"] for item in report["skipped"]}
     assert list(skipped) == ["cat/bomb.bmp"]
@@ -302,12 +302,13 @@ def test_keras_model_with_a_lambda_layer_is_refused(tmp_path: Path) -> None:
     """Safe mode: a .keras file that carries Python code (a Lambda layer) does not load."""
     import keras
 
-    from imgpipe.classifier import META_FILE, Classifier, ModelMeta
+    from imgpipe.classifier import Classifier
+    from imgpipe.model_folder import META_FILE, ModelMeta
 
     inputs = keras.Input((2, 2, 1))
     outputs = keras.layers.Lambda(lambda x: x * 2)(keras.layers.Flatten()(inputs))
     keras.Model(inputs, outputs).save(tmp_path / "model.keras")
-    meta = ModelMeta("dense", "keras", "v", 2, 2, "grayscale", ["a", "b"])
+    meta = ModelMeta("dense", "v", 2, 2, "grayscale", ["a", "b"])
     (tmp_path / META_FILE).write_text(json.dumps(meta.to_json()))
     with pytest.raises(ValueError, match="safe_mode"):
         Classifier.load(tmp_path)
@@ -317,12 +318,12 @@ def test_predict_refuses_non_image_input_cleanly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tree_writer: Callable
 ) -> None:
     from imgpipe import predict
-    from imgpipe.classifier import META_FILE, NUMPY_FILE, ModelMeta
+    from imgpipe.model_folder import META_FILE, ModelMeta
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    NumpyMLP([16, 4, 2], output="softmax", init="he", seed=0).save(model_dir / NUMPY_FILE)
-    meta = ModelMeta("numpy_mlp", "numpy", "v", 4, 4, "grayscale", ["a", "b"])
+    NumpyMLP([16, 4, 2], output="softmax", init="he", seed=0).save(model_dir / "model.npz")
+    meta = ModelMeta("numpy_mlp", "v", 4, 4, "grayscale", ["a", "b"])
     (model_dir / META_FILE).write_text(json.dumps(meta.to_json()))
     inputs = tree_writer(
         tmp_path / "in",

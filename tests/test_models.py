@@ -1,4 +1,4 @@
-"""Tests for the Keras model registry, the optimizers and the training loops (models/training)."""
+"""Tests for the model registry, the Keras builders and optimizers, and each type's training."""
 
 from __future__ import annotations
 
@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 from keras import layers
 
-from imgpipe.models import MODEL_BUILDERS, build_cnn, build_dense, build_model, build_optimizer
-from imgpipe.numpy_mlp import NumpyMLP
-from imgpipe.params import CnnParams, DenseParams, NumpyMlpParams, Params, load_params
-from imgpipe.training import HISTORY_KEYS, train_keras, train_numpy_mlp
+from imgpipe.keras_models import OPTIMIZERS, KerasModelType, build_optimizer
+from imgpipe.models.cnn import CnnParams
+from imgpipe.models.dense import DenseParams
+from imgpipe.models.numpy_mlp import NumpyMLP, NumpyMlpParams
+from imgpipe.params import Params, load_params
+from imgpipe.registry import HISTORY_KEYS, ModelType, model_type, model_types
+from imgpipe.runtime import StageError
+from tests.support import fit
+
+DENSE = model_type("dense")
+CNN = model_type("cnn")
+assert isinstance(DENSE, KerasModelType) and isinstance(CNN, KerasModelType)
 
 NUM_CLASSES = 5
 GRAY_SHAPE = (12, 12, 1)
@@ -72,7 +80,7 @@ def test_builders_return_uncompiled_uint8_softmax_models(
     model_name: str, small_dense: DenseParams, small_cnn: CnnParams
 ) -> None:
     section, shape = (small_dense, GRAY_SHAPE) if model_name == "dense" else (small_cnn, RGB_SHAPE)
-    model = MODEL_BUILDERS[model_name](shape, NUM_CLASSES, section)
+    model = model_type(model_name).build(shape, NUM_CLASSES, section)
 
     assert isinstance(model, keras.Model)
     assert not model.compiled
@@ -91,12 +99,12 @@ def test_builders_return_uncompiled_uint8_softmax_models(
 def test_dense_has_one_dense_layer_per_hidden_size_plus_the_output(
     small_dense: DenseParams,
 ) -> None:
-    model = build_dense(GRAY_SHAPE, NUM_CLASSES, small_dense)
+    model = DENSE.build(GRAY_SHAPE, NUM_CLASSES, small_dense)
     units = [layer.units for layer in layers_of(model, layers.Dense)]
     assert units == [*small_dense.hidden_units, NUM_CLASSES]
     expected_dropouts = len(small_dense.hidden_units) if small_dense.dropout > 0 else 0
     assert len(layers_of(model, layers.Dropout)) == expected_dropouts
-    no_dropout = build_dense(
+    no_dropout = DENSE.build(
         GRAY_SHAPE, NUM_CLASSES, small_dense.model_copy(update={"dropout": 0.0})
     )
     assert layers_of(no_dropout, layers.Dropout) == []
@@ -106,7 +114,7 @@ def test_dense_has_one_dense_layer_per_hidden_size_plus_the_output(
 def test_dense_scales_pixels_to_minus_one_one_and_flips_only_when_asked(
     small_dense: DenseParams, flip: str
 ) -> None:
-    model = build_dense(GRAY_SHAPE, NUM_CLASSES, small_dense.model_copy(update={"flip": flip}))
+    model = DENSE.build(GRAY_SHAPE, NUM_CLASSES, small_dense.model_copy(update={"flip": flip}))
     flips = layers_of(model, layers.RandomFlip)
     assert [layer.mode for layer in flips] == (["horizontal"] if flip == "horizontal" else [])
     flattened = keras.Model(model.inputs, model.get_layer("flatten").output)
@@ -125,7 +133,7 @@ def test_cnn_has_one_conv_per_block_and_conv(
     section = cnn_params(
         small_cnn, filters=filters, convs_per_block=convs_per_block, batch_norm=batch_norm
     )
-    model = build_cnn(RGB_SHAPE, NUM_CLASSES, section)
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
 
     convs = layers_of(model, layers.Conv2D)
     assert len(convs) == len(filters) * convs_per_block
@@ -138,14 +146,14 @@ def test_cnn_has_one_conv_per_block_and_conv(
 
 @pytest.mark.parametrize("pooling", ["global_average", "flatten"])
 def test_cnn_pooling_choice_picks_the_head_input(small_cnn: CnnParams, pooling: str) -> None:
-    model = build_cnn(RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, pooling=pooling))
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, pooling=pooling))
     has_global = bool(layers_of(model, layers.GlobalAveragePooling2D))
     has_flatten = bool(layers_of(model, layers.Flatten))
     assert (has_global, has_flatten) == (pooling == "global_average", pooling == "flatten")
 
 
 def test_cnn_without_augment_settings_has_no_augmentation_layers(small_cnn: CnnParams) -> None:
-    model = build_cnn(RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, augment=NO_AUGMENT))
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, augment=NO_AUGMENT))
     assert layers_of(model, AUGMENT_LAYERS) == []
 
 
@@ -161,7 +169,7 @@ def test_cnn_without_augment_settings_has_no_augmentation_layers(small_cnn: CnnP
 def test_each_augment_setting_adds_only_its_layer(
     small_cnn: CnnParams, setting: dict, layer_class: type
 ) -> None:
-    model = build_cnn(
+    model = CNN.build(
         RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, augment={**NO_AUGMENT, **setting})
     )
     found = layers_of(model, AUGMENT_LAYERS)
@@ -172,7 +180,7 @@ def test_augmentation_is_random_in_training_and_off_at_inference(small_cnn: CnnP
     # no dropout and no batch norm: augmentation is the only thing that differs between calls
     plain = {"dropout": 0.0, "batch_norm": False}
     all_augment = {"flip": "horizontal_and_vertical", "rotation": 0.2, "zoom": 0.2, "shift": 0.2}
-    augmented = build_cnn(
+    augmented = CNN.build(
         RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, augment=all_augment, **plain)
     )
     assert len(layers_of(augmented, AUGMENT_LAYERS)) == 4
@@ -194,7 +202,7 @@ def test_cnn_with_every_option_survives_save_and_safe_load(
 ) -> None:
     every_augment = {"flip": "horizontal_and_vertical", "rotation": 0.2, "zoom": 0.2, "shift": 0.2}
     section = cnn_params(small_cnn, augment=every_augment, batch_norm=True, pooling="flatten")
-    model = build_cnn(RGB_SHAPE, NUM_CLASSES, section)
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
 
@@ -205,21 +213,28 @@ def test_cnn_with_every_option_survives_save_and_safe_load(
     )
 
 
-def test_build_model_dispatches_by_name(small_dense: DenseParams, small_cnn: CnnParams) -> None:
-    assert build_model("dense", GRAY_SHAPE, NUM_CLASSES, small_dense).name == "dense"
-    assert build_model("cnn", RGB_SHAPE, NUM_CLASSES, small_cnn).name == "cnn"
+def test_the_registry_finds_every_model_module() -> None:
+    types = model_types()
+    assert list(types) == sorted(["cnn", "dense", "logreg", "numpy_mlp"])
+    for entry in types.values():
+        assert isinstance(entry, ModelType)
+        assert entry.weights_file
+    assert model_type("dense").build(GRAY_SHAPE, NUM_CLASSES, params_of("dense")).name == "dense"
 
 
-@pytest.mark.parametrize("name", ["resnet", "numpy_mlp", "Dense", ""])
-def test_build_model_rejects_unknown_names_listing_the_known_ones(
-    name: str, small_dense: DenseParams
-) -> None:
-    with pytest.raises(ValueError, match="unknown") as raised:
-        build_model(name, GRAY_SHAPE, NUM_CLASSES, small_dense)
+@pytest.mark.parametrize("name", ["resnet", "Dense", ""])
+def test_model_type_rejects_unknown_names_listing_the_known_ones(name: str) -> None:
+    with pytest.raises(KeyError, match="unknown") as raised:
+        model_type(name)
     message = str(raised.value)
     assert repr(name) in message
-    for known in MODEL_BUILDERS:
+    for known in model_types():
         assert known in message
+
+
+def params_of(name: str) -> object:
+    """A model's section of the repository's params.yaml."""
+    return load_params(Path(__file__).resolve().parents[1] / "params.yaml").model_section(name)
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -229,6 +244,11 @@ def current_lr(optimizer: keras.optimizers.Optimizer, step: int) -> float:
     """The learning rate the optimizer applies at a given update step."""
     optimizer.iterations.assign(step)
     return float(optimizer.learning_rate)
+
+
+def optimizer_section(name: str, **update: object) -> DenseParams:
+    """The repository's dense section with another optimizer and schedule."""
+    return params_of("dense").model_copy(update={"optimizer": name, **update})
 
 
 @pytest.mark.parametrize(
@@ -244,9 +264,14 @@ def test_build_optimizer_returns_the_named_class_with_decay(
     name: str, optimizer_class: type
 ) -> None:
     learning_rate, decay_steps, decay_rate = 0.01, 100, 0.5
-    optimizer = build_optimizer(
-        name, learning_rate=learning_rate, decay_steps=decay_steps, decay_rate=decay_rate
+    section = optimizer_section(
+        name,
+        learning_rate=learning_rate,
+        decay_steps=decay_steps,
+        decay_rate=decay_rate,
+        schedule="exponential",
     )
+    optimizer = build_optimizer(section, total_steps=1000)
     assert type(optimizer) is optimizer_class
     assert current_lr(optimizer, 0) == pytest.approx(learning_rate)
     # continuous exponential decay: lr * rate ** (step / decay_steps)
@@ -256,32 +281,33 @@ def test_build_optimizer_returns_the_named_class_with_decay(
 
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
 def test_build_optimizer_cosine_goes_from_lr_to_zero_over_total_steps(name: str) -> None:
-    optimizer = build_optimizer(
-        name,
-        learning_rate=0.01,
-        decay_steps=1,
-        decay_rate=0.5,
-        schedule="cosine",
-        total_steps=100,
-    )
+    section = optimizer_section(name, learning_rate=0.01, schedule="cosine")
+    optimizer = build_optimizer(section, total_steps=100)
     assert current_lr(optimizer, 0) == pytest.approx(0.01)
     assert current_lr(optimizer, 50) == pytest.approx(0.005)
     assert current_lr(optimizer, 100) == pytest.approx(0.0, abs=1e-9)
     assert current_lr(optimizer, 150) == pytest.approx(0.0, abs=1e-9)
-    with pytest.raises(ValueError, match="total_steps"):
-        build_optimizer(name, learning_rate=0.01, decay_steps=1, decay_rate=1.0, schedule="cosine")
 
 
 @pytest.mark.parametrize("name", ["adam", "adamax", "rmsprop", "sgd"])
 def test_build_optimizer_keeps_the_rate_constant_when_decay_rate_is_one(name: str) -> None:
-    optimizer = build_optimizer(name, learning_rate=0.003, decay_steps=10, decay_rate=1.0)
+    section = optimizer_section(
+        name, learning_rate=0.003, decay_steps=10, decay_rate=1.0, schedule="exponential"
+    )
+    optimizer = build_optimizer(section, total_steps=1000)
     assert current_lr(optimizer, 0) == pytest.approx(0.003)
     assert current_lr(optimizer, 10_000) == pytest.approx(0.003)
 
 
-def test_build_optimizer_rejects_unknown_names() -> None:
-    with pytest.raises(ValueError, match=r"'lion'.*adam.*sgd"):
-        build_optimizer("lion", learning_rate=0.01, decay_steps=10, decay_rate=0.9)
+def test_every_optimizer_name_in_params_is_a_keras_optimizer() -> None:
+    for name, class_name in OPTIMIZERS.items():
+        assert isinstance(
+            build_optimizer(optimizer_section(name), 10), getattr(keras.optimizers, class_name)
+        )
+    with pytest.raises(ValueError, match="optimizer"):
+        optimizer_section("lion").model_validate(
+            {**optimizer_section("adam").model_dump(), "optimizer": "lion"}
+        )
 
 
 # --------------------------------------------------------------------------- training
@@ -356,9 +382,7 @@ def dense_digits(params: Params, digits: dict[str, np.ndarray]) -> dict:
     runs = []
     for _ in range(2):
         recorder = EpochRecorder()
-        result = train_keras(
-            "dense", section, **digits, num_classes=10, seed=7, on_epoch_end=recorder
-        )
+        result = fit("dense", section, **digits, num_classes=10, seed=7, on_epoch_end=recorder)
         runs.append((result, recorder))
     return {"section": section, "runs": runs}
 
@@ -399,7 +423,7 @@ def test_train_keras_cnn_in_mixed_precision_restores_the_global_policy(
         small_cnn, filters=[4], batch_size=32, epochs=1, precision="mixed_bfloat16"
     )
     subset = {key: value[:96] for key, value in digits.items()}
-    result = train_keras("cnn", section, **subset, num_classes=10, seed=0)
+    result = fit("cnn", section, **subset, num_classes=10, seed=0)
     check_history(result.history, 1)
     assert keras.config.dtype_policy().name == "float32"
     # the softmax output stays float32 whatever the compute precision
@@ -434,8 +458,8 @@ def test_train_numpy_mlp_learns_digits(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     recorder = EpochRecorder()
-    result = train_numpy_mlp(
-        small_numpy_mlp, **digits, num_classes=10, seed=3, on_epoch_end=recorder
+    result = fit(
+        "numpy_mlp", small_numpy_mlp, **digits, num_classes=10, seed=3, on_epoch_end=recorder
     )
     epochs = small_numpy_mlp.epochs
     check_history(result.history, epochs)
@@ -446,11 +470,9 @@ def test_train_numpy_mlp_learns_digits(
     assert isinstance(model, NumpyMLP)
     assert model.layer_sizes == (8 * 8 * 1, *small_numpy_mlp.hidden_units, 10)
     assert result.parameters == model.count_params()
-    printed = capsys.readouterr().out
-    for epoch in range(1, epochs + 1):
-        assert f"Epoch {epoch}/{epochs}" in printed
+    assert capsys.readouterr().out == ""  # the train stage reports epochs, not the model
 
-    again = train_numpy_mlp(small_numpy_mlp, **digits, num_classes=10, seed=3)
+    again = fit("numpy_mlp", small_numpy_mlp, **digits, num_classes=10, seed=3)
     assert again.history == result.history
 
 
@@ -464,7 +486,7 @@ def test_train_numpy_mlp_sigmoid_trains_two_classes(
     x_train, y_train = only_zeros_and_ones(digits["x_train"], digits["y_train"])
     x_val, y_val = only_zeros_and_ones(digits["x_val"], digits["y_val"])
     section = small_numpy_mlp.model_copy(update={"output": "sigmoid"})
-    result = train_numpy_mlp(section, x_train, y_train, x_val, y_val, num_classes=2, seed=0)
+    result = fit("numpy_mlp", section, x_train, y_train, x_val, y_val, num_classes=2, seed=0)
     assert result.model.layer_sizes[-1] == 1
     assert result.history["val_accuracy"][-1] > 0.9
 
@@ -473,6 +495,37 @@ def test_train_numpy_mlp_sigmoid_refuses_more_than_two_classes(
     small_numpy_mlp: NumpyMlpParams, digits: dict[str, np.ndarray]
 ) -> None:
     section = small_numpy_mlp.model_copy(update={"output": "sigmoid"})
-    with pytest.raises(ValueError, match="softmax") as raised:
-        train_numpy_mlp(section, **digits, num_classes=10, seed=0)
+    with pytest.raises(StageError, match="softmax") as raised:
+        fit("numpy_mlp", section, **digits, num_classes=10, seed=0)
     assert "10" in str(raised.value)
+
+
+def test_logreg_learns_digits_and_round_trips_through_its_file(
+    digits: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    section = params_of("logreg")
+    recorder = EpochRecorder()
+    result = fit("logreg", section, **digits, num_classes=10, seed=0, on_epoch_end=recorder)
+    check_history(result.history, 1)
+    check_callback(recorder, result.history, 1)
+    assert result.history["val_accuracy"][0] > MIN_VAL_ACCURACY  # digits are nearly linear
+    assert result.parameters == 8 * 8 * 10 + 10
+    logreg = model_type("logreg")
+    logreg.save(result.model, tmp_path / logreg.weights_file)
+    loaded = logreg.load(tmp_path / logreg.weights_file)
+    proba = logreg.predict_proba(loaded, digits["x_val"], batch_size=100)
+    np.testing.assert_allclose(
+        proba, logreg.predict_proba(result.model, digits["x_val"], batch_size=7), rtol=1e-5
+    )
+    accuracy = float(np.mean(proba.argmax(axis=1) == digits["y_val"]))
+    assert accuracy == pytest.approx(result.history["val_accuracy"][0], abs=1e-9)
+    again = fit("logreg", section, **digits, num_classes=10, seed=0)
+    assert again.history == result.history  # deterministic
+
+
+def test_logreg_warns_when_lbfgs_stops_early(
+    digits: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    section = params_of("logreg").model_copy(update={"max_iter": 2})
+    fit("logreg", section, **digits, num_classes=10, seed=0)
+    assert "logreg.max_iter" in caplog.text

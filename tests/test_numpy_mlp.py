@@ -8,11 +8,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from imgpipe.numpy_mlp import NumpyMLP, _scaled_batch, learning_rate_at
+from imgpipe.models.numpy_mlp import NumpyMLP, _scaled_batch, learning_rate_at
 
 # Small, fast training settings for scikit-learn's bundled 8x8 digits (measured: val accuracy
 # 0.92-0.98 over 10 seeds for every optimizer below; the thresholds keep a wide margin).
-DIGITS_FIT = {"epochs": 5, "batch_size": 32, "decay_steps": 100, "decay_rate": 0.9}
+# exponential decay, no dropout, no flips: the plain L-layer network of the tutorial
+PLAIN = {"schedule": "exponential", "dropout": 0.0, "flip": "none"}
+DIGITS_FIT = {"epochs": 5, "batch_size": 32, "decay_steps": 100, "decay_rate": 0.9, **PLAIN}
 DIGITS_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 0.005}
 MIN_VAL_ACCURACY = 0.85
 
@@ -26,6 +28,7 @@ def _fit_kwargs(**overrides: object) -> dict:
         "decay_steps": 10,
         "decay_rate": 0.9,
         "seed": 0,
+        **PLAIN,
     }
     kwargs.update(overrides)
     return kwargs

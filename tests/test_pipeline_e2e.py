@@ -19,7 +19,7 @@ from tests.support import command_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MODELS = ("dense", "cnn", "numpy_mlp")
+MODELS = ("dense", "cnn", "numpy_mlp", "logreg")
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,12 @@ def small_params(path: Path) -> None:
         "gray16": {"height": 16, "width": 16, "color": "grayscale"},
         "rgb16": {"height": 16, "width": 16, "color": "rgb"},
     }
-    params["models"] = {"dense": "gray16", "cnn": "rgb16", "numpy_mlp": "gray16"}
+    params["models"] = {
+        "dense": "gray16",
+        "cnn": "rgb16",
+        "numpy_mlp": "gray16",
+        "logreg": "gray16",
+    }
     params["dense"].update(hidden_units=[32], epochs=4, learning_rate=0.01)
     params["numpy_mlp"].update(hidden_units=[32], epochs=4, learning_rate=0.01)
     params["cnn"].update(filters=[8, 16], epochs=2, head_units=16)
@@ -135,6 +140,7 @@ def test_mlflow_runs_hold_params_history_metrics_plots_and_model(
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("imgpipe")
     assert experiment is not None
+    params_text = (repo / "params.yaml").read_text()
     for model in MODELS:
         run_id = json.loads((repo / "models" / model / "mlflow_run.json").read_text())["run_id"]
         run_data = client.get_run(run_id)
@@ -145,7 +151,9 @@ def test_mlflow_runs_hold_params_history_metrics_plots_and_model(
         assert run_data.data.params["split.seed"] == "42"
         assert run_data.data.params["view.height"] == "16"
         assert "test_accuracy" in run_data.data.metrics
-        epochs = yaml.safe_load((repo / "params.yaml").read_text())[model]["epochs"]
+        trained = json.loads((repo / "models" / model / "history.json").read_text())
+        epochs = len(trained["history"]["val_loss"])  # logreg: one fit, one "epoch"
+        assert epochs == (1 if model == "logreg" else yaml.safe_load(params_text)[model]["epochs"])
         history = client.get_metric_history(run_id, "val_loss")
         assert [m.step for m in history] == list(range(epochs))
         artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}

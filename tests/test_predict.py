@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgpipe.classifier import META_FILE, NUMPY_FILE, Classifier, ModelMeta
-from imgpipe.numpy_mlp import NumpyMLP
+from imgpipe.classifier import Classifier
+from imgpipe.model_folder import META_FILE, ModelMeta
+from imgpipe.models.numpy_mlp import NumpyMLP
 from imgpipe.predict import iter_image_paths, main
 
 CLASS_NAMES = ["cat", "dog", "bird"]
@@ -27,9 +28,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("numpy_mlp")
     n_inputs = VIEW["height"] * VIEW["width"]
     NumpyMLP([n_inputs, 8, len(CLASS_NAMES)], output="softmax", init="he", seed=0).save(
-        folder / NUMPY_FILE
+        folder / "model.npz"
     )
-    meta = ModelMeta(model="numpy_mlp", kind="numpy", class_names=CLASS_NAMES, **VIEW)
+    meta = ModelMeta(model="numpy_mlp", class_names=CLASS_NAMES, **VIEW)
     (folder / META_FILE).write_text(json.dumps(meta.to_json()))
     return folder
 

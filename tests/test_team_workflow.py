@@ -35,7 +35,7 @@ from tests.support import command_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MODELS = ("dense", "numpy_mlp")
+MODELS = ("dense", "numpy_mlp", "logreg")
 EXPERIMENT = "imgpipe"
 PER_CLASS = 30  # raw digits per class: 300 images, 30 of them test images
 VARIATIONS = (  # queued experiments: each retrains numpy_mlp only (no TensorFlow, seconds each)
@@ -119,7 +119,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def small_params(path: Path) -> None:
-    """Two cheap models on one 16x16 view of the raw digits."""
+    """Three cheap models on one 16x16 view of the raw digits."""
     params = yaml.safe_load(path.read_text())
     params["data"]["raw"] = "data/raw/digits"
     params["views"] = {"gray16": {"height": 16, "width": 16, "color": "grayscale"}}
@@ -132,7 +132,7 @@ def small_params(path: Path) -> None:
 
 def write_raw_digits(folder: Path) -> int:
     """The first PER_CLASS of scikit-learn's digits of each class as PNG class folders."""
-    from stages.demo import digits_images, png_bytes
+    from imgpipe.demo import digits_images, png_bytes
 
     pixels, labels = digits_images()
     written = 0
@@ -238,11 +238,13 @@ def test_repro_logs_runs_metrics_plots_and_models_to_the_server(team: Team) -> N
         assert found.info.run_name == f"{model}-{commit[:7]}"
         assert found.data.tags["model"] == model
         assert found.data.params["view.height"] == "16"
-        assert found.data.params[f"{model}.epochs"] == str(params[model]["epochs"])
+        for key, value in params[model].items():  # the model's whole section
+            assert found.data.params[f"{model}.{key}"] == str(value), key
         assert found.data.params["n_train"] == str(int(team.raw_files * 0.8))
+        epochs = params[model].get("epochs", 1)  # logreg: one fit, one "epoch"
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             steps = [m.step for m in client.get_metric_history(run_id, key)]
-            assert steps == list(range(params[model]["epochs"])), key
+            assert steps == list(range(epochs)), key
         metrics_file = json.loads((team.origin / "metrics" / f"{model}.json").read_text())
         for key in ("accuracy", "loss", "f1", "precision", "recall"):
             assert found.data.metrics[f"test_{key}"] == pytest.approx(metrics_file[key])
@@ -305,14 +307,15 @@ def png_base64(pixels) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def test_registered_model_is_served_over_http(team: Team, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["dense", "logreg"])  # a Keras model and a scikit-learn one
+def test_registered_model_is_served_over_http(team: Team, tmp_path: Path, model: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=team.tracking_uri)
-    name = f"{EXPERIMENT}-dense"
+    name = f"{EXPERIMENT}-{model}"
     (version,) = client.search_model_versions(f"name = '{name}'")
-    assert version.run_id == run_id_of(team.origin, "dense")
-    test_metrics = json.loads((team.origin / "metrics" / "dense.json").read_text())
+    assert version.run_id == run_id_of(team.origin, model)
+    test_metrics = json.loads((team.origin / "metrics" / f"{model}.json").read_text())
     assert float(version.tags["test_accuracy"]) == pytest.approx(test_metrics["accuracy"])
     assert version.tags["n_test"] == str(test_metrics["n_test"])
 
@@ -333,7 +336,7 @@ def test_registered_model_is_served_over_http(team: Team, tmp_path: Path) -> Non
         "1",
     ]
     env = {k: v for k, v in team.env.items() if k != "PYTHONPATH"}
-    from stages.demo import digits_images
+    from imgpipe.demo import digits_images
 
     pixels, labels = digits_images()
     images = [png_base64(pixels[i]) for i in range(4)]

@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from imgpipe import tracking
-from imgpipe.classifier import META_FILE, NUMPY_FILE, Classifier, ModelMeta
-from imgpipe.numpy_mlp import NumpyMLP
+from imgpipe.classifier import Classifier
+from imgpipe.model_folder import META_FILE, ModelMeta
+from imgpipe.models.numpy_mlp import NumpyMLP
 
 CLASS_NAMES = ["cat", "dog"]
 VIEW = {"view": "gray6x8", "height": 6, "width": 8, "color": "grayscale"}
@@ -36,8 +37,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One SQLite MLflow store for this module (creating one takes seconds); each test opens its
     own runs. Artifacts land beside it.
 
-    Run.start sets MLflow's global tracking URI (and with it MLFLOW_TRACKING_URI); both are put
-    back afterwards so that no other test sees this store.
+    Store.start_run sets MLflow's global tracking URI (and with it MLFLOW_TRACKING_URI); both are
+    put back afterwards so that no other test sees this store.
     """
     folder = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{folder}/mlflow.db"
@@ -51,17 +52,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def start_run(uri: str, model_name: str = "dense", **overrides: object) -> tracking.Run:
-    """Run.start with test values."""
+    """Store.start_run with test values."""
     kwargs: dict = {
-        "uri": uri,
-        "experiment": "imgpipe-test",
         "model_name": model_name,
         "dataset": "digits",
         "data_hash": "0123456789abcdef",
         "params": PARAMS,
         **overrides,
     }
-    return tracking.Run.start(**kwargs)
+    return tracking.Store(uri, "imgpipe-test").start_run(**kwargs)
 
 
 # --------------------------------------------------------------------------- tracking_uri
@@ -223,8 +222,8 @@ def test_log_metrics_skips_values_that_are_not_finite(store: str) -> None:
 
 def test_resume_finds_only_runs_of_this_store(store: str) -> None:
     run = start_run(store)
-    assert tracking.Run.resume(uuid.uuid4().hex, store) is None
-    resumed = tracking.Run.resume(run.run_id, store)
+    assert tracking.Store(store, "imgpipe-test").resume_run(uuid.uuid4().hex) is None
+    resumed = tracking.Store(store, "imgpipe-test").resume_run(run.run_id)
     assert isinstance(resumed, tracking.Run)
     assert resumed.run_id == run.run_id
     resumed.log_metrics({"test_accuracy": 0.75})
@@ -273,13 +272,13 @@ def logged_model(store: str, tmp_path: Path) -> tuple[mlflow.pyfunc.PyFuncModel,
     folder.mkdir(parents=True)
     n_inputs = VIEW["height"] * VIEW["width"]
     NumpyMLP([n_inputs, 8, len(CLASS_NAMES)], output="softmax", init="he", seed=1).save(
-        folder / NUMPY_FILE
+        folder / "model.npz"
     )
-    meta = ModelMeta(model="numpy_mlp", kind="numpy", class_names=CLASS_NAMES, **VIEW)
+    meta = ModelMeta(model="numpy_mlp", class_names=CLASS_NAMES, **VIEW)
     (folder / META_FILE).write_text(json.dumps(meta.to_json()))
 
     run = start_run(store, model_name="numpy_mlp")
-    run.log_model(folder / NUMPY_FILE, folder / META_FILE)
+    run.log_model(folder / "model.npz", folder / META_FILE)
     run.finish()
     return mlflow.pyfunc.load_model(f"runs:/{run.run_id}/model"), Classifier.load(folder)
 
@@ -364,12 +363,12 @@ def test_register_model_adds_one_tagged_version_per_run(store: str, tmp_path: Pa
     folder = tmp_path / "numpy_mlp"
     folder.mkdir()
     NumpyMLP([VIEW["height"] * VIEW["width"], 4, 2], output="softmax", init="he", seed=3).save(
-        folder / NUMPY_FILE
+        folder / "model.npz"
     )
-    meta = ModelMeta(model="numpy_mlp", kind="numpy", class_names=CLASS_NAMES, **VIEW)
+    meta = ModelMeta(model="numpy_mlp", class_names=CLASS_NAMES, **VIEW)
     (folder / META_FILE).write_text(json.dumps(meta.to_json()))
     run = start_run(store, model_name="numpy_mlp")
-    run.log_model(folder / NUMPY_FILE, folder / META_FILE)
+    run.log_model(folder / "model.npz", folder / META_FILE)
     name = f"registry-test-{uuid.uuid4().hex[:8]}"
 
     first = run.register_model(name, tags={"test_accuracy": 0.5}, description="first")

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from imgpipe import tracking
-from stages import evaluate, train
+from imgpipe.params import TrackingParams, load_params
+from imgpipe.training import train_model
 from tests.test_interrupted import (
     checkpoint_epochs,
     start_stage,
@@ -48,6 +49,11 @@ def closed_port_uri(monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+def tracking_params(uri: str, on_unreachable: str) -> TrackingParams:
+    """params.yaml's `tracking:` pointed at uri."""
+    return TrackingParams(experiment="imgpipe-test", uri=uri, on_unreachable=on_unreachable)
+
+
 def write_params(folder: Path, **tracking_values: Any) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["tracking"].update(tracking_values)
@@ -60,7 +66,7 @@ def write_params(folder: Path, **tracking_values: Any) -> None:
 def test_unreachable_server_is_refused_with_what_to_do(closed_port_uri: str) -> None:
     started = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailableError) as caught:
-        tracking.open_store(closed_port_uri, "fail")
+        tracking.open_store(tracking_params(closed_port_uri, "fail"))
     assert time.monotonic() - started < 10  # at once, not after minutes of retries
     message = str(caught.value)
     assert closed_port_uri in message
@@ -72,13 +78,14 @@ def test_unreachable_server_falls_back_to_the_local_store_when_asked(
     closed_port_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.open_store(closed_port_uri, "local") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tracking.open_store(tracking_params(closed_port_uri, "local"))
+    assert store.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_local_stores_need_no_server(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert tracking.unreachable_reason(uri) is None
-    assert tracking.open_store(uri, "fail") == uri
+    assert tracking.open_store(tracking_params(uri, "fail")).uri == uri
 
 
 @pytest.mark.parametrize("stage", ["train", "evaluate"])
@@ -86,21 +93,29 @@ def test_stage_stops_before_any_work_when_the_server_is_down(
     stage: str, closed_port_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # no tables exist: the stage must stop on the server check, before it reads anything
+    # the stage as DVC runs it: its own process, its exit status and its message on stderr
     write_params(tmp_path, uri=closed_port_uri, on_unreachable="fail")
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as caught:
-        if stage == "train":
-            train.main(["--model", "dense", "--tables", "tables/x", "--out", "models/dense"])
-        else:
-            evaluate.main(
-                [
-                    *("--model", "dense", "--tables", "tables/x", "--model-dir", "models/dense"),
-                    *("--metrics", "metrics/dense.json", "--plots", "plots/dense"),
-                ]
-            )
-    message = str(caught.value.code)
+    if stage == "train":
+        arguments = ["--model", "dense", "--tables", "tables/x", "--out", "models/dense"]
+    else:
+        arguments = [
+            *("--model", "dense", "--tables", "tables/x", "--model-dir", "models/dense"),
+            *("--metrics", "metrics/dense.json", "--plots", "plots/dense"),
+        ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""}
+    finished = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *arguments],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 1
+    message = finished.stderr.strip().splitlines()[-1]
     assert message.startswith(f"[{stage}@dense]")
     assert closed_port_uri in message and "unreachable" in message
+    assert "Traceback" not in finished.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
@@ -109,7 +124,7 @@ def test_run_records_what_it_could_not_log(
 ) -> None:
     """A Run whose server is gone keeps going and lists every call that did not reach it."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no need to wait for retries
-    run = tracking.Run("0" * 32, closed_port_uri)
+    run = tracking.Run("0" * 32, tracking.Store(closed_port_uri, "imgpipe-test"))
     run.log_epoch(0, {"loss": 1.0})
     run.log_metrics({"train_seconds": 3.0})
     assert run.register_model("imgpipe-dense", tags={"test_accuracy": 0.9}, description="") is None
@@ -162,7 +177,7 @@ def test_server_killed_mid_training_loses_no_model_and_reports_the_gap(tmp_path:
     write_digit_tables(tmp_path / "tables" / "gray8")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["views"] = {"gray8": {"height": 8, "width": 8, "color": "grayscale"}}
-    params["models"] = {"dense": "gray8", "cnn": "gray8", "numpy_mlp": "gray8"}
+    params["models"] = {"dense": "gray8"}
     params["dense"].update(hidden_units=[256, 128], epochs=8, learning_rate=0.005, batch_size=32)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -207,30 +222,30 @@ def test_stage_runs_into_the_local_store_when_told_to(
     tmp_path: Path,
     closed_port_uri: str,
     monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     write_digit_tables(tmp_path / "tables" / "gray8")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["views"] = {"gray8": {"height": 8, "width": 8, "color": "grayscale"}}
-    params["models"] = {"dense": "gray8", "cnn": "gray8", "numpy_mlp": "gray8"}
+    params["models"] = {"numpy_mlp": "gray8"}
     params["numpy_mlp"].update(hidden_units=[16], epochs=1)
     params["tracking"].update(uri=closed_port_uri, on_unreachable="local")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     try:
-        train.main(
-            [
-                *("--model", "numpy_mlp", "--tables", "tables/gray8"),
-                *("--out", "models/numpy_mlp"),
-            ]
+        train_model(
+            "numpy_mlp",
+            load_params(),
+            tables_dir=Path("tables/gray8"),
+            out_dir=Path("models/numpy_mlp"),
+            checkpoint_dir=None,
         )
     finally:
         import mlflow
 
-        mlflow.set_tracking_uri(None)  # Run.start set it globally; no other test may see it
-    output = capfd.readouterr().err
-    assert "unreachable" in output and "local store" in output
+        mlflow.set_tracking_uri(None)  # start_run set it globally; no other test may see it
+    assert "unreachable" in caplog.text and "local store" in caplog.text
     report = json.loads((tmp_path / "models" / "numpy_mlp" / "mlflow_run.json").read_text())
     assert report["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert report["unlogged"] == []

@@ -1,18 +1,28 @@
-"""L-layer fully connected classifier written with NumPy only (forward, backprop, optimizers)."""
+"""`numpy_mlp`: the same net as `dense`, written with NumPy alone: an L-layer perceptron with
+its own forward pass, backpropagation, dropout, flips, optimizers and schedules."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
+
+from imgpipe.registry import EpochCallback, ModelType, TrainingData, TrainResult
+from imgpipe.runtime import StageError
+from imgpipe.sections import SCHEDULES, ScheduledTraining, check_positive
+
+if TYPE_CHECKING:
+    from imgpipe.checkpoints import TrainingCheckpoint
 
 OUTPUTS = ("sigmoid", "softmax")
 INITS = ("he", "xavier")
 OPTIMIZERS = ("sgd", "momentum", "adam")
-SCHEDULES = ("exponential", "cosine")
 FLIPS = ("none", "horizontal")
 
 MOMENTUM = 0.9
@@ -340,12 +350,12 @@ class NumpyMLP:
         batch_size: int,
         learning_rate: float,
         optimizer: str,
+        schedule: str,
         decay_steps: int,
         decay_rate: float,
+        dropout: float,
+        flip: str,
         seed: int,
-        schedule: str = "exponential",
-        dropout: float = 0.0,
-        flip: str = "none",
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     ) -> dict[str, list[float]]:
         """Mini-batch training on uint8 pixels; returns per-epoch loss/accuracy history.
@@ -473,3 +483,91 @@ class NumpyMLP:
                     )
                 model.params.append((weights, bias))
         return model
+
+
+class NumpyMlpParams(ScheduledTraining):
+    """params.yaml `numpy_mlp:`."""
+
+    hidden_units: list[int] = Field(min_length=1)
+    dropout: float = Field(ge=0, lt=1)
+    flip: Literal[FLIPS]  # type: ignore[valid-type]
+    output: Literal[OUTPUTS]  # type: ignore[valid-type]
+    init: Literal[INITS]  # type: ignore[valid-type]
+    optimizer: Literal[OPTIMIZERS]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _positive_units(self) -> NumpyMlpParams:
+        check_positive(self.hidden_units, "hidden_units")
+        return self
+
+
+class NumpyMlpType(ModelType):
+    """NumpyMLP trained by its own fit(); weights in a plain .npz (no pickle)."""
+
+    params_class = NumpyMlpParams
+    weights_file = "model.npz"
+
+    def train(
+        self,
+        params: NumpyMlpParams,
+        data: TrainingData,
+        *,
+        seed: int,
+        on_epoch_end: EpochCallback,
+        checkpoint: TrainingCheckpoint | None,
+    ) -> TrainResult:
+        """Build the net for the view's inputs and fit it with the section's settings."""
+        if params.output == "sigmoid" and data.num_classes != 2:
+            raise StageError(
+                f"numpy_mlp.output: sigmoid needs exactly 2 classes, the data has "
+                f"{data.num_classes}; use softmax"
+            )
+        n_inputs = int(np.prod(data.x_train.shape[1:]))
+        n_outputs = 1 if params.output == "sigmoid" else data.num_classes
+        model = NumpyMLP(
+            [n_inputs, *params.hidden_units, n_outputs],
+            output=params.output,
+            init=params.init,
+            seed=seed,
+        )
+        started = time.perf_counter()
+        history = model.fit(
+            data.x_train,
+            data.y_train,
+            x_val=data.x_val,
+            y_val=data.y_val,
+            epochs=params.epochs,
+            batch_size=params.batch_size,
+            learning_rate=params.learning_rate,
+            optimizer=params.optimizer,
+            schedule=params.schedule,
+            decay_steps=params.decay_steps,
+            decay_rate=params.decay_rate,
+            dropout=params.dropout,
+            flip=params.flip,
+            seed=seed,
+            on_epoch_end=on_epoch_end,
+        )
+        seconds = time.perf_counter() - started
+        return TrainResult(
+            model=model,
+            history={key: [float(v) for v in values] for key, values in history.items()},
+            seconds=seconds,
+            images_per_second=len(data.x_train) * params.epochs / seconds,
+            parameters=model.count_params(),
+        )
+
+    def save(self, model: NumpyMLP, path: Path) -> None:
+        """Weights and config as plain arrays."""
+        model.save(path)
+
+    def load(self, path: Path) -> NumpyMLP:
+        """Read the .npz back (np.load without pickle)."""
+        return NumpyMLP.load(path)
+
+    def predict_proba(self, model: NumpyMLP, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        """Probabilities, batch by batch."""
+        return model.predict_proba(pixels, batch_size=batch_size)
+
+
+MODEL_TYPE = NumpyMlpType()

@@ -1,4 +1,4 @@
-"""The small pure helpers inside the train and evaluate stage modules."""
+"""The small pure helpers of the train and evaluate stages' cores."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import io
 
 import numpy as np
 
-from stages.evaluate import grid_sample, rows_csv
-from stages.train import history_csv
+from imgpipe.evaluation import grid_sample, rows_csv
+from imgpipe.model_folder import history_csv
 
 
 def test_history_csv_has_one_row_per_epoch_counted_from_one() -> None:

@@ -1,0 +1,255 @@
+"""What every Keras model type shares: params, optimizer, compiling, the resumable training loop,
+saving, loading and predicting. A Keras model type (imgpipe/models/dense.py, cnn.py) only says
+how its network is built.
+
+Builders return uncompiled models that take raw uint8 pixels (N, H, W, C) and scale them inside
+the graph, batch by batch: no float copy of the data set is ever made, and a saved model needs no
+separate preprocessing to predict. Keras is imported where it is used, not with this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from abc import abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from imgpipe.registry import (
+    HISTORY_KEYS,
+    EpochCallback,
+    ModelType,
+    TrainingData,
+    TrainResult,
+)
+from imgpipe.sections import ScheduledTraining
+
+if TYPE_CHECKING:
+    import keras
+
+    from imgpipe.checkpoints import TrainingCheckpoint
+
+log = logging.getLogger("imgpipe.keras_models")
+
+# params.yaml name -> keras.optimizers class; the params' Literal is built from these keys
+OPTIMIZERS = {"adam": "Adam", "adamax": "Adamax", "rmsprop": "RMSprop", "sgd": "SGD"}
+
+
+class KerasParams(ScheduledTraining):
+    """Knobs every Keras model section has."""
+
+    optimizer: Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
+    # float32, or mixed_bfloat16 (bfloat16 compute, float32 weights): faster only on CPUs with
+    # AVX-512 BF16 or AMX, and on GPUs
+    precision: Literal["float32", "mixed_bfloat16"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and the Keras backend, and ask TensorFlow for deterministic ops."""
+    random.seed(seed)
+    np.random.seed(seed)
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of one epoch: depends only on (seed, epoch), not on what ran
+    before in this process, so a run resumed at epoch k sees the same batches as one that never
+    stopped."""
+    return np.random.default_rng([seed, epoch]).permutation(n)  # (N,)
+
+
+def training_state(model: keras.Model) -> dict[str, np.ndarray]:
+    """Every variable training changes: weights, batch-norm statistics, the random-seed states of
+    dropout and augmentation layers (model.variables) and the optimizer's slots and step count."""
+    arrays = {f"model_{i}": np.asarray(v) for i, v in enumerate(model.variables)}
+    arrays.update({f"opt_{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+    return arrays
+
+
+def restore_training_state(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
+    """Put back what training_state saved, into a model built and compiled the same way."""
+    targets = {f"model_{i}": v for i, v in enumerate(model.variables)}
+    targets.update({f"opt_{i}": v for i, v in enumerate(model.optimizer.variables)})
+    if set(targets) != set(arrays):
+        raise ValueError(
+            f"checkpoint holds {len(arrays)} arrays but the model and optimizer have "
+            f"{len(targets)} variables"
+        )
+    for name, variable in targets.items():
+        if tuple(variable.shape) != arrays[name].shape:
+            raise ValueError(f"checkpoint array {name} has shape {arrays[name].shape}")
+        variable.assign(arrays[name])
+
+
+def build_optimizer(params: KerasParams, total_steps: int) -> keras.optimizers.Optimizer:
+    """The section's optimizer with its learning-rate schedule.
+
+    exponential: lr * decay_rate ** (step / decay_steps) (decay_rate 1.0 = constant);
+    cosine: from lr down to 0 over total_steps updates (the whole run), then 0.
+    """
+    import keras
+
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = params.learning_rate
+    if params.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(params.learning_rate, total_steps)
+    elif params.decay_rate < 1.0:
+        rate = keras.optimizers.schedules.ExponentialDecay(
+            params.learning_rate, decay_steps=params.decay_steps, decay_rate=params.decay_rate
+        )
+    return getattr(keras.optimizers, OPTIMIZERS[params.optimizer])(learning_rate=rate)
+
+
+class KerasModelType(ModelType):
+    """A Keras network: subclasses say how it is built; training, files and prediction are here."""
+
+    weights_file: ClassVar[str] = "model.keras"
+    resumable: ClassVar[bool] = True
+
+    @abstractmethod
+    def build(
+        self, input_shape: tuple[int, int, int], num_classes: int, params: Any
+    ) -> keras.Model:
+        """An uncompiled model: uint8 pixels (N, H, W, C) in, (N, num_classes) softmax out."""
+
+    def compiled_model(
+        self, params: KerasParams, input_shape: tuple[int, ...], num_classes: int, train_size: int
+    ) -> keras.Model:
+        """The model built in its params' precision and compiled as training does.
+
+        train_size (the number of training images) sets the length of a cosine schedule.
+        """
+        import keras
+
+        keras.mixed_precision.set_dtype_policy(params.precision)
+        try:
+            model = self.build(input_shape, num_classes, params)  # type: ignore[arg-type]
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        steps = params.epochs * math.ceil(train_size / params.batch_size)
+        model.compile(
+            optimizer=build_optimizer(params, total_steps=steps),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        return model
+
+    def train(
+        self,
+        params: KerasParams,
+        data: TrainingData,
+        *,
+        seed: int,
+        on_epoch_end: EpochCallback,
+        checkpoint: TrainingCheckpoint | None,
+    ) -> TrainResult:
+        """Build, compile and fit the model, one `fit` call per epoch.
+
+        With a checkpoint, each finished epoch is saved to it, and a matching checkpoint found at
+        the start is restored: training continues after its last epoch and ends exactly where an
+        uninterrupted run would (same batches, same dropout and augmentation draws, same
+        optimizer state).
+        """
+        seed_everything(seed)
+        x_train, y_train = data.x_train, data.y_train
+        model = self.compiled_model(
+            params, tuple(x_train.shape[1:]), data.num_classes, train_size=len(x_train)
+        )
+        model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
+        history: dict[str, list[float]] = {}
+        first_epoch, earlier_seconds = 0, 0.0
+        state = checkpoint.load() if checkpoint is not None else None
+        if state is not None and state.epochs_done <= params.epochs:
+            restore_training_state(model, state.arrays)
+            history, first_epoch, earlier_seconds = state.history, state.epochs_done, state.seconds
+            log.info(
+                "resuming from checkpoint %s after epoch %d of %d",
+                checkpoint.directory if checkpoint else "",
+                first_epoch,
+                params.epochs,
+            )
+        validation = (data.x_val, data.y_val) if len(data.x_val) else None
+        steps = math.ceil(len(x_train) / params.batch_size)
+        started = time.perf_counter()
+        for epoch in range(first_epoch, params.epochs):
+            order = epoch_order(len(x_train), seed, epoch)  # a uint8 copy per epoch, never floats
+            fitted = model.fit(
+                x_train[order],
+                y_train[order],
+                validation_data=validation,
+                batch_size=params.batch_size,
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                shuffle=False,  # epoch_order shuffled it, reproducibly per epoch
+                callbacks=[_batch_progress(epoch, params.epochs, steps)],
+                verbose=0,  # the stage reports each epoch itself, with a bar on a terminal
+            )
+            logs = {k: float(v[-1]) for k, v in fitted.history.items() if k in HISTORY_KEYS}
+            for key, value in logs.items():
+                history.setdefault(key, []).append(value)
+            # reported (and logged to MLflow) before the checkpoint: a run killed in between
+            # trains and reports this epoch again, rather than never reporting it
+            on_epoch_end(epoch, logs)
+            if checkpoint is not None:
+                seconds = earlier_seconds + time.perf_counter() - started
+                checkpoint.save(epoch + 1, history, training_state(model), seconds)
+        seconds = time.perf_counter() - started
+        return TrainResult(
+            model=model,
+            history=history,
+            seconds=earlier_seconds + seconds,
+            images_per_second=len(x_train) * (params.epochs - first_epoch) / max(seconds, 1e-9),
+            parameters=int(model.count_params()),
+            resumed_from_epoch=first_epoch,
+        )
+
+    def save(self, model: keras.Model, path: Path) -> None:
+        """The native Keras file: architecture, weights, compile config."""
+        model.save(path)
+
+    def load(self, path: Path) -> keras.Model:
+        """Load a .keras file (safe mode: no arbitrary code from the file)."""
+        import keras
+
+        return keras.saving.load_model(path, safe_mode=True)
+
+    def predict_proba(self, model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        """Probabilities from the softmax output, batch by batch."""
+        if len(pixels) == 0:
+            return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+        return np.asarray(model.predict(pixels, batch_size=batch_size, verbose=0))
+
+
+def _batch_progress(epoch: int, epochs: int, steps: int) -> keras.callbacks.Callback:
+    """A tqdm bar over one epoch's batches, shown only on a terminal (none in CI or DVC logs)."""
+    import keras
+    from tqdm import tqdm
+
+    class BatchProgress(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.bar = tqdm(
+                total=steps,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                unit="batch",
+                leave=False,
+                disable=None,  # None: off unless stderr is a terminal
+            )
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.bar.update(1)
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+        def on_train_end(self, logs: dict | None = None) -> None:
+            self.bar.close()
+
+    return BatchProgress()

@@ -1,0 +1,1 @@
+"""Model types, one module each: `<name>.py` defines MODEL_TYPE (see imgpipe/registry.py)."""

@@ -1,0 +1,128 @@
+"""The model registry: every model type the pipeline can train, one module each in imgpipe/models/.
+
+A model type is the module `imgpipe/models/<name>.py`, which defines `MODEL_TYPE`, an instance of
+a ModelType subclass: its params section's class, how it is trained, saved, loaded and how it
+predicts. `<name>` is the model's name everywhere: the `models:` entry and the params section in
+params.yaml, the stages train@<name> and evaluate@<name>, models/<name>/, the MLflow run and
+registered model. The registry finds the modules itself; nothing else lists model names.
+
+Model modules are cheap to import (params.py imports them all to validate params.yaml): heavy
+libraries (Keras, scikit-learn) are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from imgpipe.checkpoints import TrainingCheckpoint
+    from imgpipe.sections import Section
+
+MODELS_PACKAGE = "imgpipe.models"
+# What a training history holds, per epoch, for every model type (curves, MLflow, dvc plots).
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch from 0, {key: value})
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A view's train and val tables as arrays."""
+
+    x_train: np.ndarray  # (N, H, W, C) uint8
+    y_train: np.ndarray  # (N,) int64 class indices
+    x_val: np.ndarray  # (M, H, W, C) uint8
+    y_val: np.ndarray  # (M,) int64
+    num_classes: int
+
+
+@dataclass
+class TrainResult:
+    """A trained model with its per-epoch history and cost."""
+
+    model: Any
+    history: dict[str, list[float]]  # HISTORY_KEYS -> one value per epoch
+    seconds: float
+    images_per_second: float
+    parameters: int
+    resumed_from_epoch: int = 0  # epochs restored from a checkpoint instead of trained here
+
+
+class ModelType(ABC):
+    """How one kind of model is trained, saved, loaded and asked for probabilities."""
+
+    params_class: ClassVar[type[Section]]  # its params.yaml section
+    weights_file: ClassVar[str]  # the weights' file name inside models/<name>/
+    # True when train() saves every epoch to a TrainingCheckpoint and resumes from one
+    resumable: ClassVar[bool] = False
+
+    @abstractmethod
+    def train(
+        self,
+        params: Any,
+        data: TrainingData,
+        *,
+        seed: int,
+        on_epoch_end: EpochCallback,
+        checkpoint: TrainingCheckpoint | None,
+    ) -> TrainResult:
+        """Fit a new model on data.x_train (uint8 pixels), reporting each finished epoch."""
+
+    def planned_epochs(self, params: Any) -> int:
+        """How many epochs train() runs with these params (its `epochs` knob by default)."""
+        return params.epochs
+
+    @abstractmethod
+    def save(self, model: Any, path: Path) -> None:
+        """Write the model's weights to path (models/<name>/<weights_file>)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> Any:
+        """Read back what save() wrote."""
+
+    @abstractmethod
+    def predict_proba(self, model: Any, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        """(N, K) class probabilities for uint8 pixels (N, H, W, C) of the model's view."""
+
+
+@functools.cache
+def model_types() -> dict[str, ModelType]:
+    """Every model type, by name, from the modules in imgpipe/models/ (sorted by name)."""
+    package = importlib.import_module(MODELS_PACKAGE)
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg)
+    types: dict[str, ModelType] = {}
+    for name in names:
+        module = importlib.import_module(f"{MODELS_PACKAGE}.{name}")
+        entry = getattr(module, "MODEL_TYPE", None)
+        if not isinstance(entry, ModelType):
+            raise TypeError(
+                f"{module.__file__} must define MODEL_TYPE, an instance of a "
+                "imgpipe.registry.ModelType subclass (see README 'Adding a model')"
+            )
+        types[name] = entry
+    return types
+
+
+def model_type(name: str) -> ModelType:
+    """The model type called `name`; an unknown name raises KeyError listing the known ones."""
+    types = model_types()
+    if name not in types:
+        raise KeyError(
+            f"unknown model {name!r}; known models: {', '.join(types)} "
+            f"(one module each in {module_file('<name>').parent})"
+        )
+    return types[name]
+
+
+def module_file(name: str) -> Path:
+    """The module that defines model type `name`, relative to the project root."""
+    return Path(*MODELS_PACKAGE.split("."), f"{name}.py")
