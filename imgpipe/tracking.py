@@ -21,6 +21,8 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
 from imgpipe.runtime import StageError
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from imgpipe.params import TrackingParams
 
 log = logging.getLogger("imgpipe.tracking")
+MODEL_ID_TAG = "imgpipe.model_id"  # the run's MLflow LoggedModel, which register_model uses
 
 
 def repo_root() -> Path:
@@ -292,9 +295,11 @@ class Run:
                 level = pyfunc_log.level
                 pyfunc_log.setLevel(logging.ERROR)
                 try:
-                    _log_pyfunc_model(model_file, meta_file)
+                    info = _log_pyfunc_model(model_file, meta_file)
                 finally:
                     pyfunc_log.setLevel(level)
+            # MLflow 3 keeps the model as a LoggedModel of its own: register_model needs its id
+            self.client.set_tag(self.run_id, MODEL_ID_TAG, info.model_id)
 
         if not self._attempt("model (MLflow pyfunc)", log) and mlflow.active_run() is not None:
             # forget the half-opened fluent run locally; ending it remotely may fail too
@@ -303,7 +308,7 @@ class Run:
 
     def register_model(
         self, name: str, *, tags: Mapping[str, Any], description: str
-    ) -> mlflow.entities.model_registry.ModelVersion | None:
+    ) -> ModelVersion | None:
         """Register this run's model as a version of `name` (created on first use), tagged.
 
         A run registers once: evaluating the same run again updates its version's tags and
@@ -311,7 +316,7 @@ class Run:
         reached: like every other logging call, that is reported, never raised.
         """
         text_tags = {key: str(value) for key, value in tags.items()}
-        registered: list[mlflow.entities.model_registry.ModelVersion] = []
+        registered: list[ModelVersion] = []
 
         def register() -> None:
             query = f"name = '{name}' and run_id = '{self.run_id}'"
@@ -321,15 +326,28 @@ class Run:
                 for key, value in text_tags.items():
                     self.client.set_model_version_tag(name, version.version, key, value)
             else:
-                version = mlflow.register_model(f"runs:/{self.run_id}/model", name, tags=text_tags)
+                version = self._new_version(name, text_tags)
             self.client.update_model_version(name, version.version, description=description)
             self.client.set_tag(self.run_id, "registered_model", f"{name}/{version.version}")
             registered.append(version)
 
         if not self._attempt(f"model registry version of {name}", register):
             return None
-        log.info("registered model version %s/%s in %s", name, registered[0].version, self.uri)
         return registered[0]
+
+    def _new_version(self, name: str, tags: Mapping[str, str]) -> ModelVersion:
+        """A new version of `name` (created on first use) from this run's logged model."""
+        model_id = self.client.get_run(self.run_id).data.tags.get(MODEL_ID_TAG)
+        if model_id is None:  # a run logged before the tag existed: let MLflow look it up
+            return mlflow.register_model(f"runs:/{self.run_id}/model", name, tags=dict(tags))
+        try:
+            self.client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        return self.client.create_model_version(
+            name, f"models:/{model_id}", run_id=self.run_id, tags=dict(tags), model_id=model_id
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run."""
@@ -339,11 +357,11 @@ class Run:
         )
 
 
-def _log_pyfunc_model(model_file: Path, meta_file: Path) -> None:
+def _log_pyfunc_model(model_file: Path, meta_file: Path) -> ModelInfo:
     """mlflow.pyfunc.log_model into the active run: the classifier wrapper, its files, and the
     imgpipe package itself, so that `mlflow models serve` and load_model work wherever keras,
     tensorflow, scikit-learn and mlflow are installed."""
-    mlflow.pyfunc.log_model(
+    return mlflow.pyfunc.log_model(
         name="model",
         python_model=ImageClassifierModel(),
         artifacts={"model": str(model_file), "meta": str(meta_file)},
