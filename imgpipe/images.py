@@ -27,6 +27,8 @@ MAX_ENTRY_BYTES = 256 * 2**20  # no single image file is this large
 MAX_RATIO_BYTES = 16 * 2**20  # above this size, a compression ratio over MAX_RATIO is a bomb
 MAX_RATIO = 100  # encoded images barely compress; a zip bomb compresses 1000:1 and more
 _S_IFMT, _S_IFLNK = 0o170000, 0o120000
+# The folders a split stage writes (data/split/<split>/<class>/) and the tables made from them
+SPLITS = ("train", "val", "test")
 # A view's colour -> the Pillow mode its pixels are decoded in; the channel count follows.
 PILLOW_MODES = {"grayscale": "L", "rgb": "RGB"}
 

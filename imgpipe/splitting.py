@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from imgpipe.images import (
+    SPLITS,
     RawSource,
     Skipped,
     UnsafeArchiveError,
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from imgpipe.params import SplitParams
 
 log = logging.getLogger("imgpipe.splitting")
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from imgpipe.images import decode_image, printable, split_files
+from imgpipe.images import SPLITS, decode_image, printable, split_files
 from imgpipe.runtime import StageError, atomic_directory, cpu_count, write_json_atomic
-from imgpipe.splitting import SPLITS
 from imgpipe.tables import TableWriter, record_batch, table_schema
 
 if TYPE_CHECKING:

@@ -159,7 +159,8 @@ def missing_declarations(dvc: dict) -> list[str]:
 
 
 def test_every_stage_declares_the_modules_and_params_its_code_uses() -> None:
-    assert missing_declarations(_dvc_yaml()) == []
+    problems = missing_declarations(_dvc_yaml())
+    assert not problems, "dvc.yaml is missing:\n" + "\n".join(problems)
 
 
 def test_the_check_fails_when_a_module_or_a_params_section_is_removed() -> None:
