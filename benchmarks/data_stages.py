@@ -523,7 +523,11 @@ def mode_epoch(args: argparse.Namespace, work: Path) -> None:
     def fresh_model() -> keras.Model:
         keras.utils.set_random_seed(params.train.seed)
         return model_type("dense").compiled_model(
-            dense, tuple(x_train.shape[1:]), num_classes, train_size=len(x_train)
+            dense,
+            tuple(x_train.shape[1:]),
+            num_classes,
+            train_size=len(x_train),
+            precision=dense.precision,
         )
 
     feed = KerasParquetBatches(ParquetBatches(train_path, dense.batch_size, seed=params.train.seed))

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from abc import abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -37,15 +38,56 @@ log = logging.getLogger("imgpipe.keras_models")
 
 # params.yaml name -> keras.optimizers class; the params' Literal is built from these keys
 OPTIMIZERS = {"adam": "Adam", "adamax": "Adamax", "rmsprop": "RMSprop", "sgd": "SGD"}
+# Keras dtype policies a model trains in (the first is the reference)
+PRECISIONS = ("float32", "mixed_bfloat16")
+# x86 CPU flags of native bfloat16 arithmetic (AVX-512 BF16, Intel AMX)
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# precision auto: training steps run untimed (graph tracing, caches) and then timed, per precision
+WARMUP_STEPS = 3
+TIMED_STEPS = 20
 
 
 class KerasParams(ScheduledTraining):
     """Knobs every Keras model section has."""
 
     optimizer: Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
-    # float32, or mixed_bfloat16 (bfloat16 compute, float32 weights): faster only on CPUs with
-    # AVX-512 BF16 or AMX, and on GPUs
-    precision: Literal["float32", "mixed_bfloat16"]
+    # float32, mixed_bfloat16 (bfloat16 compute, float32 weights: faster only on CPUs with
+    # AVX-512 BF16 or AMX, and on GPUs), or auto: the faster of the two for this model on this
+    # machine, timed at the start where bfloat16 is native (float32 elsewhere, untimed)
+    precision: Literal["auto", *PRECISIONS]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The compute precision a training run uses, why, and what was timed to choose it."""
+
+    precision: str  # one of PRECISIONS
+    reason: str
+    step_seconds: dict[str, float]  # seconds per training step of each precision timed
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def bfloat16_hardware() -> str | None:
+    """What computes bfloat16 natively here (GPUs, or the CPU flags), or None: then bfloat16 is
+    emulated and far slower than float32."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return f"{len(gpus)} GPU(s)"
+    native = sorted(cpu_flags() & set(BFLOAT16_CPU_FLAGS))
+    return f"CPU flags {', '.join(native)}" if native else None
 
 
 def seed_everything(seed: int) -> None:
@@ -122,15 +164,21 @@ class KerasModelType(ModelType):
         """An uncompiled model: uint8 pixels (N, H, W, C) in, (N, num_classes) softmax out."""
 
     def compiled_model(
-        self, params: KerasParams, input_shape: tuple[int, ...], num_classes: int, train_size: int
+        self,
+        params: KerasParams,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        train_size: int,
+        precision: str,
     ) -> keras.Model:
-        """The model built in its params' precision and compiled as training does.
+        """The model built in `precision` (one of PRECISIONS) and compiled as training does.
 
         train_size (the number of training images) sets the length of a cosine schedule.
         """
         import keras
 
-        keras.mixed_precision.set_dtype_policy(params.precision)
+        keras.mixed_precision.set_dtype_policy(precision)
         try:
             model = self.build(input_shape, num_classes, params)  # type: ignore[arg-type]
         finally:
@@ -159,16 +207,34 @@ class KerasModelType(ModelType):
         uninterrupted run would (same batches, same dropout and augmentation draws, same
         optimizer state).
         """
+        state = checkpoint.load() if checkpoint is not None else None
+        if state is not None and state.epochs_done > params.epochs:
+            state = None
+        if state is not None and state.extra.get("precision") in PRECISIONS:
+            choice = PrecisionChoice(state.extra["precision"], "the interrupted run's choice", {})
+        else:  # before seeding: the timing runs draw random numbers of their own
+            choice = self.choose_precision(params, data, bfloat16_hardware())
+        log.info(
+            "compute precision %s: %s%s",
+            choice.precision,
+            choice.reason,
+            "".join(f"; {p} {t * 1000:.0f} ms a step" for p, t in choice.step_seconds.items()),
+        )
+        if checkpoint is not None:
+            checkpoint.extra = {**checkpoint.extra, "precision": choice.precision}
         seed_everything(seed)
         x_train, y_train = data.x_train, data.y_train
         model = self.compiled_model(
-            params, tuple(x_train.shape[1:]), data.num_classes, train_size=len(x_train)
+            params,
+            tuple(x_train.shape[1:]),
+            data.num_classes,
+            train_size=len(x_train),
+            precision=choice.precision,
         )
         model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
         history: dict[str, list[float]] = {}
         first_epoch, earlier_seconds = 0, 0.0
-        state = checkpoint.load() if checkpoint is not None else None
-        if state is not None and state.epochs_done <= params.epochs:
+        if state is not None:
             restore_training_state(model, state.arrays)
             history, first_epoch, earlier_seconds = state.history, state.epochs_done, state.seconds
             log.info(
@@ -210,7 +276,55 @@ class KerasModelType(ModelType):
             images_per_second=len(x_train) * (params.epochs - first_epoch) / max(seconds, 1e-9),
             parameters=int(model.count_params()),
             resumed_from_epoch=first_epoch,
+            choices={
+                "precision": choice.precision,
+                "precision_reason": choice.reason,
+                **{f"step_seconds_{p}": t for p, t in choice.step_seconds.items()},
+            },
         )
+
+    def choose_precision(
+        self, params: KerasParams, data: TrainingData, hardware: str | None
+    ) -> PrecisionChoice:
+        """params.precision, or for `auto` the faster precision for this model and data.
+
+        Where nothing computes bfloat16 natively (hardware None) it is float32 untimed: emulated
+        bfloat16 is several times slower. Otherwise WARMUP_STEPS and then TIMED_STEPS training
+        steps of each precision are run on the first training images, and the faster one wins.
+        """
+        if params.precision != "auto":
+            return PrecisionChoice(params.precision, "as params.yaml sets it", {})
+        if hardware is None:
+            reason = (
+                "auto, and no GPU or CPU flag of native bfloat16 "
+                f"({' or '.join(BFLOAT16_CPU_FLAGS)}) here: bfloat16 would be emulated"
+            )
+            return PrecisionChoice(PRECISIONS[0], reason, {})
+        seconds = {p: self._step_seconds(params, data, p) for p in PRECISIONS}
+        fastest = min(seconds, key=seconds.__getitem__)
+        return PrecisionChoice(fastest, f"auto, the faster of the two on {hardware}", seconds)
+
+    def _step_seconds(self, params: KerasParams, data: TrainingData, precision: str) -> float:
+        """Mean seconds of one training step in `precision`, after the warm-up steps."""
+        model = self.compiled_model(
+            params,
+            tuple(data.x_train.shape[1:]),
+            data.num_classes,
+            train_size=len(data.x_train),
+            precision=precision,
+        )
+        size = params.batch_size
+        batches = [
+            (data.x_train[i : i + size], data.y_train[i : i + size])
+            for i in range(0, len(data.x_train) - size + 1, size)
+        ][: WARMUP_STEPS + TIMED_STEPS]
+        for x, y in batches[:WARMUP_STEPS]:
+            model.train_on_batch(x, y)
+        timed = batches[WARMUP_STEPS:] or batches[-1:]  # a tiny data set: time what there is
+        started = time.perf_counter()
+        for x, y in timed:
+            model.train_on_batch(x, y)
+        return (time.perf_counter() - started) / len(timed)
 
     def save(self, model: keras.Model, path: Path) -> None:
         """The native Keras file: architecture, weights, compile config."""

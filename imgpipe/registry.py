@@ -17,7 +17,7 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -55,6 +55,8 @@ class TrainResult:
     images_per_second: float
     parameters: int
     resumed_from_epoch: int = 0  # epochs restored from a checkpoint instead of trained here
+    # what the model type decided while training, for MLflow (e.g. the precision `auto` chose)
+    choices: dict[str, str | float] = field(default_factory=dict)
 
 
 class ModelType(ABC):

@@ -158,11 +158,19 @@ def train_model(
             "resumed_from_epoch": result.resumed_from_epoch,
         }
         folder.write(
-            meta, result.model, summary=summary, history=result.history, run_report=run.report()
+            meta,
+            result.model,
+            summary={**summary, "choices": result.choices},
+            history=result.history,
+            run_report=run.report(),
         )
         if checkpoint is not None:
             checkpoint.clear()  # the model is saved: a rerun must train afresh, not resume
         run.log_metrics(summary)
+        # what the model type decided (e.g. the precision `auto` chose): text as params
+        # (`chosen.precision`), timings as metrics
+        run.log_params({"chosen": {k: v for k, v in result.choices.items() if isinstance(v, str)}})
+        run.log_metrics({k: v for k, v in result.choices.items() if not isinstance(v, str)})
         run.log_file(folder.history_csv)
         run.log_model(folder.weights_path(meta), folder.meta_path)
     except BaseException:

@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 from keras import layers
 
-from imgpipe.keras_models import OPTIMIZERS, KerasModelType, build_optimizer
+from imgpipe.checkpoints import TrainingCheckpoint
+from imgpipe.keras_models import (
+    OPTIMIZERS,
+    KerasModelType,
+    bfloat16_hardware,
+    build_optimizer,
+    cpu_flags,
+)
 from imgpipe.models.cnn import CnnParams
 from imgpipe.models.dense import DenseParams
 from imgpipe.models.numpy_mlp import NumpyMLP, NumpyMlpParams
 from imgpipe.params import Params, load_params
-from imgpipe.registry import HISTORY_KEYS, ModelType, model_type, model_types
+from imgpipe.registry import HISTORY_KEYS, ModelType, TrainingData, model_type, model_types
 from imgpipe.runtime import StageError
 from tests.support import fit
 
@@ -529,3 +536,56 @@ def test_logreg_warns_when_lbfgs_stops_early(
     section = params_of("logreg").model_copy(update={"max_iter": 2})
     fit("logreg", section, **digits, num_classes=10, seed=0)
     assert "logreg.max_iter" in caplog.text
+
+
+# --------------------------------------------------------------------------- precision: auto
+
+
+def test_auto_precision_is_float32_untimed_where_bfloat16_would_be_emulated(
+    small_cnn: CnnParams, digits: dict[str, np.ndarray]
+) -> None:
+    data = TrainingData(**digits, num_classes=10)
+    auto = cnn_params(small_cnn, precision="auto")
+    choice = CNN.choose_precision(auto, data, hardware=None)
+    assert choice.precision == "float32"
+    assert choice.step_seconds == {}  # nothing was timed
+    assert "emulated" in choice.reason and "avx512_bf16" in choice.reason
+    fixed = cnn_params(small_cnn, precision="mixed_bfloat16")
+    assert CNN.choose_precision(fixed, data, hardware="a GPU").precision == "mixed_bfloat16"
+
+
+def test_bfloat16_hardware_follows_the_cpu_flags() -> None:
+    import tensorflow as tf
+
+    native = cpu_flags() & {"avx512_bf16", "amx_bf16"}
+    expected_none = not native and not tf.config.list_physical_devices("GPU")
+    assert (bfloat16_hardware() is None) == expected_none
+
+
+@pytest.mark.slow
+def test_auto_precision_times_both_and_takes_the_faster(
+    small_cnn: CnnParams, digits: dict[str, np.ndarray]
+) -> None:
+    data = TrainingData(**digits, num_classes=10)
+    section = cnn_params(small_cnn, filters=[4], batch_size=32, precision="auto")
+    choice = CNN.choose_precision(section, data, hardware="the test's pretend hardware")
+    assert set(choice.step_seconds) == {"float32", "mixed_bfloat16"}
+    assert all(seconds > 0 for seconds in choice.step_seconds.values())
+    assert choice.precision == min(choice.step_seconds, key=choice.step_seconds.__getitem__)
+    assert "pretend hardware" in choice.reason
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_precision_of_the_interrupted_one(
+    small_cnn: CnnParams, digits: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    subset = {key: value[:96] for key, value in digits.items()}
+    checkpoint = TrainingCheckpoint(tmp_path / "checkpoint", "same params and data")
+    first = cnn_params(small_cnn, filters=[4], batch_size=32, epochs=1, precision="mixed_bfloat16")
+    fit("cnn", first, **subset, num_classes=10, seed=0, checkpoint=checkpoint)
+    # the same run resumed, now asked for auto: whatever auto would pick, it goes on in bfloat16
+    again = first.model_copy(update={"epochs": 2, "precision": "auto"})
+    resumed = fit("cnn", again, **subset, num_classes=10, seed=0, checkpoint=checkpoint)
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.choices["precision"] == "mixed_bfloat16"
+    assert "interrupted" in resumed.choices["precision_reason"]
