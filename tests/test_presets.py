@@ -1,0 +1,64 @@
+"""The README's presets are valid `dvc exp run -S` values, and the reference CNN preset is the one
+benchmarks/train_speed.py times as E_ref."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgpipe.params import parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_presets() -> dict[str, list[str]]:
+    """Each `dvc exp run` command of README 'Presets', by its comment, as its -S values."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Presets", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    presets: dict[str, list[str]] = {}
+    comment = ""
+    for command in block.replace("\\\n", " ").splitlines():
+        if command.startswith("#"):
+            comment = command.lstrip("# ")
+        elif command.startswith("dvc exp run"):
+            words = shlex.split(command)
+            presets[comment] = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+    return presets
+
+
+def apply(values: list[str]) -> dict[str, Any]:
+    """The repository's params.yaml with `-S key=value` values set, as DVC sets them."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for value in values:
+        dotted, _, text = value.partition("=")
+        *parents, key = dotted.split(".")
+        section = params
+        for parent in parents:
+            section = section[parent]
+        section[key] = yaml.safe_load(text)
+    return params
+
+
+def test_every_preset_is_valid() -> None:
+    presets = readme_presets()
+    assert len(presets) >= 4
+    for comment, values in presets.items():
+        assert values, comment
+        parse_params(apply(values))  # raises ParamsError naming the key
+
+
+def test_the_reference_preset_is_what_the_benchmark_times() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "train_speed", ROOT / "benchmarks" / "train_speed.py"
+    )
+    assert spec is not None and spec.loader is not None
+    train_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_speed)
+    (reference,) = [v for c, v in readme_presets().items() if re.search(r"reference CNN", c)]
+    cnn = parse_params(apply(reference)).cnn.model_dump()
+    assert {key: cnn[key] for key in train_speed.REFERENCE} == train_speed.REFERENCE
