@@ -259,7 +259,7 @@ class KerasModelType(ModelType):
                 callbacks=[_batch_progress(epoch, params.epochs, steps)],
                 verbose=0,  # the stage reports each epoch itself, with a bar on a terminal
             )
-            logs = {k: float(v[-1]) for k, v in fitted.history.items() if k in HISTORY_KEYS}
+            logs = {k: float(fitted.history[k][-1]) for k in HISTORY_KEYS if k in fitted.history}
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
             # reported (and logged to MLflow) before the checkpoint: a run killed in between

@@ -349,8 +349,9 @@ class EpochRecorder:
 
 
 def check_history(history: dict[str, list[float]], epochs: int) -> None:
-    """Every history key is present with one finite value per epoch."""
-    assert set(history) == set(HISTORY_KEYS)
+    """Every history key is present, in HISTORY_KEYS' order (history.csv's columns), with one
+    finite value per epoch."""
+    assert list(history) == list(HISTORY_KEYS)
     for key, values in history.items():
         assert len(values) == epochs, key
         assert all(np.isfinite(values)), key
