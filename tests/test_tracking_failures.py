@@ -210,7 +210,7 @@ def test_server_killed_mid_training_loses_no_model_and_reports_the_gap(tmp_path:
     assert report["tracking_uri"] == uri
     assert report["logging_error"]
     unlogged = report["unlogged"]
-    assert "metrics accuracy, loss, val_accuracy, val_loss at step 7" in unlogged
+    assert "metrics loss, accuracy, val_loss, val_accuracy at step 7" in unlogged
     assert "artifact history.csv" in unlogged
     assert "model (MLflow pyfunc)" in unlogged
     assert "MLflow run" in output and "missing" in output and "dvc repro -f train@dense" in output
