@@ -25,9 +25,9 @@ BLUE = (0, 0, 255)
 def _no_mlflow_uri_leaks() -> Iterator[None]:
     """Every test starts and ends with the MLflow tracking URI it found.
 
-    mlflow.set_tracking_uri (called by Run.start and by tests) sets MLflow's global URI and the
-    MLFLOW_TRACKING_URI variable, which imgpipe.tracking reads first: left behind, it would send
-    a later test's runs, or its checks, to an earlier test's store.
+    mlflow.set_tracking_uri (called by Store.start_run and by tests) sets MLflow's global URI and
+    the MLFLOW_TRACKING_URI variable, which imgpipe.tracking reads first: left behind, it would
+    send a later test's runs, or its checks, to an earlier test's store.
     """
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
