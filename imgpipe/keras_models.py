@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from imgpipe.registry import (
     HISTORY_KEYS,
@@ -37,7 +38,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("imgpipe.keras_models")
 
 # params.yaml name -> keras.optimizers class; the params' Literal is built from these keys
-OPTIMIZERS = {"adam": "Adam", "adamax": "Adamax", "rmsprop": "RMSprop", "sgd": "SGD"}
+OPTIMIZERS = {
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adamax": "Adamax",
+    "rmsprop": "RMSprop",
+    "sgd": "SGD",
+}
 # Keras dtype policies a model trains in (the first is the reference)
 PRECISIONS = ("float32", "mixed_bfloat16")
 # x86 CPU flags of native bfloat16 arithmetic (AVX-512 BF16, Intel AMX)
@@ -51,10 +58,28 @@ class KerasParams(ScheduledTraining):
     """Knobs every Keras model section has."""
 
     optimizer: Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
+    # decoupled weight decay (Keras' `weight_decay`, what makes adam AdamW): each step multiplies
+    # every weight by 1 - learning_rate * weight_decay; 0 = none
+    weight_decay: float = Field(ge=0, lt=1)
+    # schedule cosine: epochs of linear warm-up from 0 to learning_rate before the decay starts
+    # (may be a fraction); 0 = none
+    warmup_epochs: float = Field(ge=0)
+    # targets of 1 - s for the true class and s / classes for every class; 0 = plain cross-entropy
+    label_smoothing: float = Field(ge=0, lt=1)
     # float32, mixed_bfloat16 (bfloat16 compute, float32 weights: faster only on CPUs with
     # AVX-512 BF16 or AMX, and on GPUs), or auto: the faster of the two for this model on this
     # machine, timed at the start where bfloat16 is native (float32 elsewhere, untimed)
     precision: Literal["auto", *PRECISIONS]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> KerasParams:
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError("warmup_epochs needs schedule: cosine (set warmup_epochs: 0)")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -134,21 +159,34 @@ def restore_training_state(model: keras.Model, arrays: dict[str, np.ndarray]) ->
 
 
 def build_optimizer(params: KerasParams, total_steps: int) -> keras.optimizers.Optimizer:
-    """The section's optimizer with its learning-rate schedule.
+    """The section's optimizer with its learning-rate schedule and weight decay.
 
     exponential: lr * decay_rate ** (step / decay_steps) (decay_rate 1.0 = constant);
-    cosine: from lr down to 0 over total_steps updates (the whole run), then 0.
+    cosine: a linear warm-up from 0 to lr over warmup_epochs (as a share of total_steps), then
+    from lr down to 0 over the remaining updates of the run, then 0.
     """
     import keras
 
+    warmup = round(total_steps * params.warmup_epochs / params.epochs)
     rate: float | keras.optimizers.schedules.LearningRateSchedule = params.learning_rate
     if params.schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(params.learning_rate, total_steps)
+        if warmup:
+            rate = keras.optimizers.schedules.CosineDecay(
+                0.0,
+                max(total_steps - warmup, 1),
+                warmup_target=params.learning_rate,
+                warmup_steps=warmup,
+            )
+        else:
+            rate = keras.optimizers.schedules.CosineDecay(params.learning_rate, total_steps)
     elif params.decay_rate < 1.0:
         rate = keras.optimizers.schedules.ExponentialDecay(
             params.learning_rate, decay_steps=params.decay_steps, decay_rate=params.decay_rate
         )
-    return getattr(keras.optimizers, OPTIMIZERS[params.optimizer])(learning_rate=rate)
+    # (explicit for adamw too: Keras' AdamW decays by 0.004 unless told otherwise)
+    decay = params.weight_decay or params.optimizer == "adamw"
+    options = {"weight_decay": params.weight_decay} if decay else {}
+    return getattr(keras.optimizers, OPTIMIZERS[params.optimizer])(learning_rate=rate, **options)
 
 
 class KerasModelType(ModelType):
@@ -184,12 +222,21 @@ class KerasModelType(ModelType):
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
         steps = params.epochs * math.ceil(train_size / params.batch_size)
+        loss: str | keras.losses.Loss = "sparse_categorical_crossentropy"
+        if params.label_smoothing:  # Keras smooths one-hot targets only: see targets()
+            loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
         model.compile(
-            optimizer=build_optimizer(params, total_steps=steps),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
+            optimizer=build_optimizer(params, total_steps=steps), loss=loss, metrics=["accuracy"]
         )
         return model
+
+    @staticmethod
+    def targets(params: KerasParams, labels: np.ndarray, num_classes: int) -> np.ndarray:
+        """What the compiled loss trains on: class indices (N,), or one-hot rows (N, K) where
+        labels are smoothed."""
+        if not params.label_smoothing:
+            return labels
+        return np.eye(num_classes, dtype=np.float32)[labels]
 
     def train(
         self,
@@ -243,7 +290,9 @@ class KerasModelType(ModelType):
                 first_epoch,
                 params.epochs,
             )
-        validation = (data.x_val, data.y_val) if len(data.x_val) else None
+        y_train = self.targets(params, y_train, data.num_classes)
+        y_val = self.targets(params, data.y_val, data.num_classes)
+        validation = (data.x_val, y_val) if len(data.x_val) else None
         steps = math.ceil(len(x_train) / params.batch_size)
         started = time.perf_counter()
         for epoch in range(first_epoch, params.epochs):
@@ -270,7 +319,7 @@ class KerasModelType(ModelType):
                 checkpoint.save(epoch + 1, history, training_state(model), seconds)
         seconds = time.perf_counter() - started
         return TrainResult(
-            model=model,
+            model=self.inference_model(model, params),
             history=history,
             seconds=earlier_seconds + seconds,
             images_per_second=len(x_train) * (params.epochs - first_epoch) / max(seconds, 1e-9),
@@ -282,6 +331,11 @@ class KerasModelType(ModelType):
                 **{f"step_seconds_{p}": t for p, t in choice.step_seconds.items()},
             },
         )
+
+    def inference_model(self, model: keras.Model, params: Any) -> keras.Model:
+        """What is saved, evaluated and served once training ends: the trained model itself,
+        unless a model type adds test-time work around it (the CNN's flip averaging)."""
+        return model
 
     def choose_precision(
         self, params: KerasParams, data: TrainingData, hardware: str | None
@@ -314,8 +368,9 @@ class KerasModelType(ModelType):
             precision=precision,
         )
         size = params.batch_size
+        y_train = self.targets(params, data.y_train, data.num_classes)
         batches = [
-            (data.x_train[i : i + size], data.y_train[i : i + size])
+            (data.x_train[i : i + size], y_train[i : i + size])
             for i in range(0, len(data.x_train) - size + 1, size)
         ][: WARMUP_STEPS + TIMED_STEPS]
         for x, y in batches[:WARMUP_STEPS]:

@@ -138,7 +138,12 @@ def test_cnn_has_one_conv_per_block_and_conv(
     small_cnn: CnnParams, filters: list[int], convs_per_block: int, batch_norm: bool
 ) -> None:
     section = cnn_params(
-        small_cnn, filters=filters, convs_per_block=convs_per_block, batch_norm=batch_norm
+        small_cnn,
+        stem="none",
+        residual=False,
+        filters=filters,
+        convs_per_block=convs_per_block,
+        batch_norm=batch_norm,
     )
     model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
 
@@ -220,6 +225,85 @@ def test_cnn_with_every_option_survives_save_and_safe_load(
     )
 
 
+@pytest.mark.parametrize(("stem", "size_after_stem"), [("conv3x3", 16), ("conv3x3_stride2", 8)])
+def test_cnn_stem_and_residual_blocks(
+    small_cnn: CnnParams, stem: str, size_after_stem: int
+) -> None:
+    section = cnn_params(small_cnn, stem=stem, residual=True, convs_per_block=2, filters=[4, 8])
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
+
+    assert model.get_layer("stem").output.shape[1:] == (size_after_stem, size_after_stem, 4)
+    # per block: two 3x3 convolutions and a 1x1 shortcut, added before the block's last ReLU
+    for block, filters in enumerate([4, 8], start=1):
+        shortcut = model.get_layer(f"block{block}_shortcut")
+        assert (shortcut.kernel_size, shortcut.filters) == ((1, 1), filters)
+        add = model.get_layer(f"block{block}_add")
+        suffix = "_bn" if section.batch_norm else ""
+        assert {t._keras_history.operation.name for t in add.input} == {
+            f"block{block}_conv2{suffix}",
+            f"block{block}_shortcut{suffix}",
+        }
+        assert f"block{block}_conv2_relu" not in [layer.name for layer in model.layers]
+    assert len(layers_of(model, layers.Conv2D)) == 1 + 2 * (2 + 1)
+    last = size_after_stem // 4  # two max-pools
+    assert model.get_layer("block2_pool").output.shape[1:] == (last, last, 8)
+
+
+def test_cnn_without_stem_or_residual_is_the_plain_vgg_stack(small_cnn: CnnParams) -> None:
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, stem="none", residual=False))
+    names = [layer.name for layer in model.layers]
+    assert "stem" not in names
+    assert not layers_of(model, layers.Add)
+    assert not [name for name in names if "shortcut" in name]
+
+
+def test_cnn_head_units_zero_goes_straight_from_pooling_to_the_output(
+    small_cnn: CnnParams,
+) -> None:
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, head_units=0))
+    assert [layer.name for layer in layers_of(model, layers.Dense)] == ["probabilities"]
+    assert model.get_layer("probabilities").input.shape[-1] == small_cnn.filters[-1]
+
+
+def test_flip_tta_averages_each_image_and_its_mirror_and_loads_in_a_fresh_process(
+    small_cnn: CnnParams, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    section = cnn_params(small_cnn, flip_tta=True)
+    base = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
+    tta = CNN.inference_model(base, section)
+    pixels = random_pixels((6, *RGB_SHAPE), seed=3)
+    mirrored = pixels[:, :, ::-1]
+
+    plain, plain_mirrored = base.predict(pixels, verbose=0), base.predict(mirrored, verbose=0)
+    assert not np.allclose(plain, plain_mirrored, atol=1e-4)  # the net itself is not symmetric
+    averaged = tta.predict(pixels, verbose=0)
+    np.testing.assert_allclose(averaged, (plain + plain_mirrored) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tta.predict(mirrored, verbose=0), averaged, rtol=1e-5, atol=1e-6)
+
+    # saved as training saves it, and loaded in safe mode by a process that never built one
+    CNN.save(tta, tmp_path / "model.keras")
+    np.save(tmp_path / "pixels.npy", pixels)
+    script = (
+        "import sys, numpy as np\n"
+        "from imgpipe.registry import model_type\n"
+        "cnn = model_type('cnn')\n"
+        "model = cnn.load(sys.argv[1] + '/model.keras')\n"
+        "pixels = np.load(sys.argv[1] + '/pixels.npy')\n"
+        "np.save(sys.argv[1] + '/out.npy', cnn.predict_proba(model, pixels, 4))\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), averaged, rtol=1e-5, atol=1e-6)
+
+
+def test_flip_tta_off_keeps_the_trained_model(small_cnn: CnnParams) -> None:
+    section = cnn_params(small_cnn, flip_tta=False)
+    base = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
+    assert CNN.inference_model(base, section) is base
+
+
 def test_the_registry_finds_every_model_module() -> None:
     types = model_types()
     assert list(types) == sorted(["cnn", "dense", "logreg", "numpy_mlp"])
@@ -262,6 +346,7 @@ def optimizer_section(name: str, **update: object) -> DenseParams:
     ("name", "optimizer_class"),
     [
         ("adam", keras.optimizers.Adam),
+        ("adamw", keras.optimizers.AdamW),
         ("adamax", keras.optimizers.Adamax),
         ("rmsprop", keras.optimizers.RMSprop),
         ("sgd", keras.optimizers.SGD),
@@ -294,6 +379,61 @@ def test_build_optimizer_cosine_goes_from_lr_to_zero_over_total_steps(name: str)
     assert current_lr(optimizer, 50) == pytest.approx(0.005)
     assert current_lr(optimizer, 100) == pytest.approx(0.0, abs=1e-9)
     assert current_lr(optimizer, 150) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_build_optimizer_warms_up_linearly_then_follows_the_cosine() -> None:
+    # 10 epochs of 100 steps, 2 of them warm-up: 0 -> lr over 200 steps, then cosine to 0
+    section = optimizer_section(
+        "adam", learning_rate=0.01, schedule="cosine", epochs=10, warmup_epochs=2.0
+    )
+    optimizer = build_optimizer(section, total_steps=1000)
+    assert current_lr(optimizer, 0) == pytest.approx(0.0, abs=1e-9)
+    assert current_lr(optimizer, 100) == pytest.approx(0.005)
+    assert current_lr(optimizer, 200) == pytest.approx(0.01)
+    assert current_lr(optimizer, 600) == pytest.approx(0.005)  # half-way through the 800 left
+    assert current_lr(optimizer, 1000) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("name", "weight_decay", "expected"),
+    [("adamw", 5e-4, 5e-4), ("adamw", 0.0, None), ("adam", 1e-3, 1e-3), ("adam", 0.0, None)],
+)
+def test_build_optimizer_decays_weights_only_as_asked(
+    name: str, weight_decay: float, expected: float | None
+) -> None:
+    optimizer = build_optimizer(optimizer_section(name, weight_decay=weight_decay), 100)
+    # Keras' AdamW would decay by 0.004 if not told: weight_decay 0 means none, for it too
+    assert (optimizer.weight_decay or None) == (pytest.approx(expected) if expected else None)
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"schedule": "exponential", "warmup_epochs": 1.0}, "needs schedule: cosine"),
+        ({"schedule": "cosine", "epochs": 3, "warmup_epochs": 3.0}, "less than epochs"),
+    ],
+)
+def test_warmup_must_fit_a_cosine_run(update: dict, message: str) -> None:
+    values = {**params_of("dense").model_dump(), **update}
+    with pytest.raises(ValueError, match=message):
+        DenseParams.model_validate(values)
+
+
+def test_label_smoothing_trains_on_smoothed_one_hot_targets(small_cnn: CnnParams) -> None:
+    labels = np.array([0, 3, 4])
+    plain = cnn_params(small_cnn, label_smoothing=0.0)
+    np.testing.assert_array_equal(CNN.targets(plain, labels, NUM_CLASSES), labels)
+    smoothed = cnn_params(small_cnn, label_smoothing=0.2)
+    one_hot = CNN.targets(smoothed, labels, NUM_CLASSES)
+    np.testing.assert_array_equal(one_hot, np.eye(NUM_CLASSES)[labels])
+
+    model = CNN.compiled_model(smoothed, RGB_SHAPE, NUM_CLASSES, train_size=10, precision="float32")
+    proba = np.full((3, NUM_CLASSES), 0.1, dtype=np.float32)
+    proba[np.arange(3), labels] = 0.6
+    # cross-entropy against 1 - s + s/K for the true class and s/K for the others
+    target = one_hot * (1 - 0.2) + 0.2 / NUM_CLASSES
+    expected = float(np.mean(-(target * np.log(proba)).sum(axis=1)))
+    assert float(model.loss(one_hot, proba)) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamax", "rmsprop", "sgd"])
@@ -590,3 +730,54 @@ def test_a_resumed_run_keeps_the_precision_of_the_interrupted_one(
     assert resumed.resumed_from_epoch == 1
     assert resumed.choices["precision"] == "mixed_bfloat16"
     assert "interrupted" in resumed.choices["precision_reason"]
+
+
+@pytest.mark.slow
+def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_run(
+    small_cnn: CnnParams, digits: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """Stem, residual blocks, AdamW with warm-up, label smoothing and flip averaging: a run
+    stopped after its first epoch and resumed ends exactly where a straight run does."""
+    subset = {key: value[:192] for key, value in digits.items()}
+    section = cnn_params(
+        small_cnn,
+        stem="conv3x3_stride2",
+        residual=True,
+        convs_per_block=2,
+        filters=[4, 8],
+        head_units=0,
+        optimizer="adamw",
+        weight_decay=5e-4,
+        schedule="cosine",
+        warmup_epochs=1.0,
+        label_smoothing=0.1,
+        flip_tta=True,
+        batch_size=32,
+        epochs=3,
+        precision="float32",
+    )
+
+    def stop_after_first(epoch: int, logs: dict[str, float]) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt  # before epoch 2's checkpoint: as a kill would
+
+    checkpoint = TrainingCheckpoint(tmp_path / "checkpoint", "same params and data")
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            "cnn",
+            section,
+            **subset,
+            num_classes=10,
+            seed=3,
+            on_epoch_end=stop_after_first,
+            checkpoint=checkpoint,
+        )
+    resumed = fit("cnn", section, **subset, num_classes=10, seed=3, checkpoint=checkpoint)
+    straight = fit("cnn", section, **subset, num_classes=10, seed=3)
+
+    assert resumed.resumed_from_epoch == 1
+    check_history(straight.history, 3)
+    assert resumed.history == straight.history
+    assert resumed.model.name == straight.model.name == "cnn_flip_tta"
+    for a, b in zip(resumed.model.get_weights(), straight.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -112,7 +112,7 @@ def _set(section: str, key: str, value: Any) -> Callable[[dict[str, Any]], str]:
         _set("dense", "epochs", 0),
         _set("cnn", "epochs", -1),
         _set("numpy_mlp", "batch_size", 0),
-        _set("cnn", "head_units", 0),
+        _set("cnn", "head_units", -1),
         _set("tabulate", "rows_per_group", 0),
         _set("tabulate", "workers", -1),
         _set("split", "max_per_class", 0),

@@ -1,8 +1,15 @@
-"""`cnn`: a VGG-style convolutional net with augmentation, the CNN tutorial's model done better."""
+"""`cnn`: a convolutional net with augmentation, the CNN tutorial's model done better.
+
+Blocks of 3x3 convolutions (VGG-style, or residual with a 1x1 shortcut), each ending in a
+max-pool, after an optional stride-2 stem; global average pooling and a small head. With
+`flip_tta` the saved model averages its predictions for each image and its mirror image.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -26,15 +33,24 @@ class AugmentParams(Section):
 class CnnParams(KerasParams):
     """params.yaml `cnn:`."""
 
+    # a 3x3 convolution (filters[0] wide, batch norm, ReLU) before the blocks; with stride 2 it
+    # halves height and width, and every block after it costs a quarter as much; _pool adds a
+    # 2x2 max-pool after it (a quarter of the height and width, as ResNet's stem)
+    stem: Literal["none", "conv3x3", "conv3x3_stride2", "conv3x3_stride2_pool"]
     filters: list[int] = Field(min_length=1)
     convs_per_block: int = Field(ge=1)
+    # each block adds its input, through a 1x1 convolution, to its last convolution's output
+    residual: bool
     batch_norm: bool
     # weight of the old moving mean/variance at each training step
     batch_norm_momentum: float = Field(gt=0, lt=1)
     pooling: Literal["global_average", "flatten"]
-    head_units: int = Field(ge=1)
+    head_units: int = Field(ge=0)  # a ReLU layer before the output; 0 = none
     dropout: float = Field(ge=0, lt=1)
     augment: AugmentParams
+    # saved, evaluated and served model: the mean of the probabilities for the image and for
+    # its left-right mirror image (twice the prediction work)
+    flip_tta: bool
 
     @model_validator(mode="after")
     def _positive_filters(self) -> CnnParams:
@@ -62,7 +78,8 @@ def _augmentation(augment: AugmentParams) -> list[layers.Layer]:
 
 
 class CnnType(KerasModelType):
-    """Augmentation, [Conv -> (BN) -> ReLU] * n -> MaxPool per block, pooled dense head."""
+    """Augmentation, (stem), [Conv -> (BN) -> ReLU] * n (+ shortcut) -> MaxPool per block,
+    pooled head."""
 
     params_class = CnnParams
 
@@ -73,21 +90,47 @@ class CnnType(KerasModelType):
         import keras
         from keras import layers
 
+        def conv(
+            x: keras.KerasTensor,
+            filters: int,
+            name: str,
+            *,
+            size: int = 3,
+            stride: int = 1,
+            relu: bool = True,
+        ) -> keras.KerasTensor:
+            x = layers.Conv2D(
+                filters,
+                size,
+                strides=stride,
+                padding="same",
+                use_bias=not params.batch_norm,
+                name=name,
+            )(x)
+            if params.batch_norm:
+                x = layers.BatchNormalization(
+                    momentum=params.batch_norm_momentum, name=f"{name}_bn"
+                )(x)
+            return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
+
         inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")  # (N, H, W, C)
         x = layers.Rescaling(1.0 / 255, name="scale")(inputs)
         for step in _augmentation(params.augment):
             x = step(x)
+        if params.stem != "none":
+            x = conv(x, params.filters[0], "stem", stride=2 if "stride2" in params.stem else 1)
+            if params.stem.endswith("_pool"):
+                x = layers.MaxPooling2D(2, name="stem_pool")(x)
         for block, filters in enumerate(params.filters, start=1):
-            for conv in range(1, params.convs_per_block + 1):
-                name = f"block{block}_conv{conv}"
-                x = layers.Conv2D(
-                    filters, 3, padding="same", use_bias=not params.batch_norm, name=name
-                )(x)
-                if params.batch_norm:
-                    x = layers.BatchNormalization(
-                        momentum=params.batch_norm_momentum, name=f"{name}_bn"
-                    )(x)
-                x = layers.Activation("relu", name=f"{name}_relu")(x)
+            shortcut = x
+            for index in range(1, params.convs_per_block + 1):
+                # a residual block's last ReLU comes after the addition
+                relu = not (params.residual and index == params.convs_per_block)
+                x = conv(x, filters, f"block{block}_conv{index}", relu=relu)
+            if params.residual:
+                shortcut = conv(shortcut, filters, f"block{block}_shortcut", size=1, relu=False)
+                x = layers.Add(name=f"block{block}_add")([x, shortcut])
+                x = layers.Activation("relu", name=f"block{block}_relu")(x)
             x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)  # halves H and W
         if params.pooling == "global_average":
             x = layers.GlobalAveragePooling2D(name="pool")(x)  # (N, filters[-1])
@@ -95,13 +138,49 @@ class CnnType(KerasModelType):
             x = layers.Flatten(name="flatten")(x)
         if params.dropout > 0:
             x = layers.Dropout(params.dropout, name="head_dropout")(x)
-        x = layers.Dense(params.head_units, activation="relu", name="head")(x)
-        if params.dropout > 0:
-            x = layers.Dropout(params.dropout, name="head_dropout_2")(x)
+        if params.head_units:
+            x = layers.Dense(params.head_units, activation="relu", name="head")(x)
+            if params.dropout > 0:
+                x = layers.Dropout(params.dropout, name="head_dropout_2")(x)
         outputs = layers.Dense(
             num_classes, activation="softmax", dtype="float32", name="probabilities"
         )(x)
         return keras.Model(inputs, outputs, name="cnn")
+
+    def inference_model(self, model: keras.Model, params: CnnParams) -> keras.Model:
+        """With flip_tta, a model around the trained one that averages its probabilities for
+        each image and its mirror image; the trained model otherwise."""
+        if not params.flip_tta:
+            return model
+        import keras
+        from keras import layers
+
+        inputs = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="pixels")
+        mirrored = mirror_layer_class()(name="mirror")(inputs)
+        outputs = layers.Average(name="flip_average", dtype="float32")(
+            [model(inputs), model(mirrored)]
+        )
+        return keras.Model(inputs, outputs, name="cnn_flip_tta")
+
+    def load(self, path: Path) -> keras.Model:
+        """Load a .keras file, flip-averaging ones included."""
+        mirror_layer_class()  # registered before Keras looks the name up
+        return super().load(path)
+
+
+@functools.cache
+def mirror_layer_class() -> type[keras.layers.Layer]:
+    """MirrorLeftRight: a Keras layer that flips images (N, H, W, C) left to right, always, not
+    only in training. Registered as imgpipe>MirrorLeftRight, so safe-mode loading accepts it;
+    made on first use, so importing this module does not import Keras."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="imgpipe")
+    class MirrorLeftRight(keras.layers.Layer):
+        def call(self, images: Any) -> Any:
+            return keras.ops.flip(images, axis=2)
+
+    return MirrorLeftRight
 
 
 MODEL_TYPE = CnnType()
