@@ -14,6 +14,7 @@ import math
 import random
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -29,6 +30,7 @@ from imgpipe.registry import (
     TrainResult,
 )
 from imgpipe.sections import ScheduledTraining
+from imgpipe.stall import StallWatchdog, stall_seconds
 
 if TYPE_CHECKING:
     import keras
@@ -294,29 +296,36 @@ class KerasModelType(ModelType):
         y_val = self.targets(params, data.y_val, data.num_classes)
         validation = (data.x_val, y_val) if len(data.x_val) else None
         steps = math.ceil(len(x_train) / params.batch_size)
+        done = [first_epoch]  # epochs finished and checkpointed, for the stall advice
+        watchdog = StallWatchdog(stall_seconds(), lambda: _resume_advice(checkpoint, done[0]))
         started = time.perf_counter()
-        for epoch in range(first_epoch, params.epochs):
-            order = epoch_order(len(x_train), seed, epoch)  # a uint8 copy per epoch, never floats
-            fitted = model.fit(
-                x_train[order],
-                y_train[order],
-                validation_data=validation,
-                batch_size=params.batch_size,
-                initial_epoch=epoch,
-                epochs=epoch + 1,
-                shuffle=False,  # epoch_order shuffled it, reproducibly per epoch
-                callbacks=[_batch_progress(epoch, params.epochs, steps)],
-                verbose=0,  # the stage reports each epoch itself, with a bar on a terminal
-            )
-            logs = {k: float(fitted.history[k][-1]) for k in HISTORY_KEYS if k in fitted.history}
-            for key, value in logs.items():
-                history.setdefault(key, []).append(value)
-            # reported (and logged to MLflow) before the checkpoint: a run killed in between
-            # trains and reports this epoch again, rather than never reporting it
-            on_epoch_end(epoch, logs)
-            if checkpoint is not None:
-                seconds = earlier_seconds + time.perf_counter() - started
-                checkpoint.save(epoch + 1, history, training_state(model), seconds)
+        with watchdog:
+            for epoch in range(first_epoch, params.epochs):
+                order = epoch_order(len(x_train), seed, epoch)  # a uint8 copy, never floats
+                fitted = model.fit(
+                    x_train[order],
+                    y_train[order],
+                    validation_data=validation,
+                    batch_size=params.batch_size,
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    shuffle=False,  # epoch_order shuffled it, reproducibly per epoch
+                    callbacks=[_batch_progress(epoch, params.epochs, steps, watchdog.beat)],
+                    verbose=0,  # the stage reports each epoch itself, with a bar on a terminal
+                )
+                logs = {
+                    k: float(fitted.history[k][-1]) for k in HISTORY_KEYS if k in fitted.history
+                }
+                for key, value in logs.items():
+                    history.setdefault(key, []).append(value)
+                # reported (and logged to MLflow) before the checkpoint: a run killed in between
+                # trains and reports this epoch again, rather than never reporting it
+                on_epoch_end(epoch, logs)
+                if checkpoint is not None:
+                    seconds = earlier_seconds + time.perf_counter() - started
+                    checkpoint.save(epoch + 1, history, training_state(model), seconds)
+                    done[0] = epoch + 1
+                watchdog.beat()
         seconds = time.perf_counter() - started
         return TrainResult(
             model=self.inference_model(model, params),
@@ -398,8 +407,21 @@ class KerasModelType(ModelType):
         return np.asarray(model.predict(pixels, batch_size=batch_size, verbose=0))
 
 
-def _batch_progress(epoch: int, epochs: int, steps: int) -> keras.callbacks.Callback:
-    """A tqdm bar over one epoch's batches, shown only on a terminal (none in CI or DVC logs)."""
+def _resume_advice(checkpoint: TrainingCheckpoint | None, epochs_done: int) -> str:
+    """What to do after a stalled run: rerun the stage, which resumes from the checkpoint."""
+    if checkpoint is None or not epochs_done:
+        return "rerun the stage (dvc repro) to train again"
+    return (
+        f"rerun the stage (dvc repro) to resume after epoch {epochs_done} from the checkpoint "
+        f"in {checkpoint.directory}"
+    )
+
+
+def _batch_progress(
+    epoch: int, epochs: int, steps: int, beat: Callable[[], None]
+) -> keras.callbacks.Callback:
+    """A tqdm bar over one epoch's batches, shown only on a terminal (none in CI or DVC logs);
+    `beat` is called after every training and validation batch (the stall watchdog)."""
     import keras
     from tqdm import tqdm
 
@@ -414,9 +436,13 @@ def _batch_progress(epoch: int, epochs: int, steps: int) -> keras.callbacks.Call
             )
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            beat()
             self.bar.update(1)
             if logs and "loss" in logs:
                 self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+        def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            beat()
 
         def on_train_end(self, logs: dict | None = None) -> None:
             self.bar.close()

@@ -34,6 +34,8 @@ NOT_OUTPUT_SHAPING = {
     "params.yaml, which DVC tracks key by key",
     "imgpipe/runtime.py": "logging set-up, error reporting and atomic writes: how outputs are "
     "written, never what they hold",
+    "imgpipe/stall.py": "the stall watchdog: it ends a run that has stopped, never changes what "
+    "a finished one holds",
 }
 
 
