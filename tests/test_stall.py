@@ -102,32 +102,32 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_a_stalled_training_exits_75_and_the_rerun_resumes(tmp_path: Path) -> None:
+def run_training(tmp_path: Path, *, stall: bool) -> subprocess.CompletedProcess[str]:
+    """TRAIN_SCRIPT in a subprocess with a 2 s stall limit, checkpointing to tmp_path/checkpoint;
+    with `stall`, its second epoch end outlasts the limit."""
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
-    checkpoint = tmp_path / "checkpoint"
-    env = {**command_env(), "PYTHONPATH": str(ROOT), STALL_SECONDS_ENV: "2", "SLEEP": "1"}
-    stalled = subprocess.run(
-        [sys.executable, str(script), str(checkpoint)],
+    env = {**command_env(), "PYTHONPATH": str(ROOT), STALL_SECONDS_ENV: "2"}
+    if stall:
+        env["SLEEP"] = "1"
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "checkpoint")],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.mark.slow
+def test_a_stalled_training_exits_75_and_the_rerun_resumes(tmp_path: Path) -> None:
+    stalled = run_training(tmp_path, stall=True)
     assert stalled.returncode == STALL_EXIT_STATUS, stalled.stderr[-2000:]
     assert "training has stalled" in stalled.stderr
+    checkpoint = tmp_path / "checkpoint"
     assert f"resume after epoch 1 from the checkpoint in {checkpoint}" in stalled.stderr
 
-    del env["SLEEP"]
-    rerun = subprocess.run(
-        [sys.executable, str(script), str(checkpoint)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    rerun = run_training(tmp_path, stall=False)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resumed_from_epoch 1" in rerun.stdout
