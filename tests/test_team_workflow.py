@@ -12,18 +12,11 @@ import base64
 import io
 import json
 import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +25,19 @@ import yaml
 from PIL import Image
 
 from tests.support import command_env
+from tests.team_support import (
+    BIN,
+    MODELS,
+    ROOT,
+    chromium_paths,
+    free_port,
+    make_project,
+    run,
+    serving,
+    stages_run,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-MODELS = ("dense", "numpy_mlp", "logreg")
 EXPERIMENT = "imgpipe"
-PER_CLASS = 30  # raw digits per class: 300 images, 30 of them test images
 VARIATIONS = (  # queued experiments: each retrains numpy_mlp only (no TensorFlow, seconds each)
     ["-S", "numpy_mlp.learning_rate=0.003"],
     ["-S", "numpy_mlp.learning_rate=0.03"],
@@ -46,102 +46,6 @@ VARIATIONS = (  # queued experiments: each retrains numpy_mlp only (no TensorFlo
 SCREENSHOT = ROOT / "docs" / "mlflow-compare.png"
 
 pytestmark = pytest.mark.slow
-
-
-def run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
-    """Run a command, fail the test with its output if it fails, return stdout+stderr."""
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
-    return output
-
-
-def stages_run(output: str) -> set[str]:
-    """Stage names that `dvc repro` / `dvc exp run` output says it ran."""
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def http_ok(url: str) -> bool:
-    """True when GET url answers 200 within 5 s."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-@contextmanager
-def serving(
-    args: list[str], *, cwd: Path, env: dict[str, str], ready_url: str, timeout: float
-) -> Iterator[subprocess.Popen]:
-    """Start a server in its own process group, wait (bounded) for ready_url, always stop it."""
-    log_path = cwd / f"{Path(args[0]).name}-{args[1]}-{int(time.time() * 1000)}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while not http_ok(ready_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                state = "exited" if process.poll() is not None else f"not ready after {timeout} s"
-                pytest.fail(f"{' '.join(args)} {state}:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield process
-    finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the process group (the server and its workers), SIGKILL it after 20 s."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-
-
-def small_params(path: Path) -> None:
-    """Three cheap models on one 16x16 view of the raw digits."""
-    params = yaml.safe_load(path.read_text())
-    params["data"]["raw"] = "data/raw/digits"
-    params["views"] = {"gray16": {"height": 16, "width": 16, "color": "grayscale"}}
-    params["models"] = dict.fromkeys(MODELS, "gray16")
-    params["dense"].update(hidden_units=[32], epochs=3, learning_rate=0.01)
-    params["numpy_mlp"].update(hidden_units=[32], epochs=3, learning_rate=0.01)
-    params["tabulate"]["workers"] = 2
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def write_raw_digits(folder: Path) -> int:
-    """The first PER_CLASS of scikit-learn's digits of each class as PNG class folders."""
-    from imgpipe.demo import digits_images, png_bytes
-
-    pixels, labels = digits_images()
-    written = 0
-    for digit in range(10):
-        (folder / str(digit)).mkdir(parents=True)
-        for index in (labels == digit).nonzero()[0][:PER_CLASS]:
-            (folder / str(digit) / f"{index:04d}.png").write_bytes(png_bytes(pixels[index]))
-            written += 1
-    return written
 
 
 @dataclass(frozen=True)
@@ -189,22 +93,10 @@ def team(tmp_path_factory: pytest.TempPathFactory, mlflow_server: tuple[str, Pat
     url, artifacts = mlflow_server
     origin = tmp_path_factory.mktemp("origin")
     remote = tmp_path_factory.mktemp("dvc-remote")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
-        shutil.copy(ROOT / name, origin / name)
-    for folder in ("stages", "imgpipe"):
-        ignore = shutil.ignore_patterns("__pycache__")
-        shutil.copytree(ROOT / folder, origin / folder, ignore=ignore)
-    (origin / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", origin / ".dvc" / "config")
-    shutil.copy(ROOT / ".dvc" / ".gitignore", origin / ".dvc" / ".gitignore")
-    small_params(origin / "params.yaml")
-    raw_files = write_raw_digits(origin / "data" / "raw" / "digits")
+    raw_files = make_project(origin)
     env = command_env()
-    run(["git", "init", "-q", "-b", "main"], origin, env)
-    run(["dvc", "add", "data/raw/digits"], origin, env)
     run(["dvc", "remote", "add", "-d", "storage", str(remote)], origin, env)
-    run(["git", "add", "-A"], origin, env)
-    run(["git", "commit", "-q", "-m", "project with raw digits"], origin, env)
+    run(["git", "commit", "-q", "-am", "the DVC remote"], origin, env)
     env = {**env, "MLFLOW_TRACKING_URI": url}
     output = run(["dvc", "repro"], origin, env)
     (remote.parent / "origin-repro.log").write_text(output)  # for a reader of a failure
@@ -442,18 +334,6 @@ def test_exp_apply_and_exp_branch(team: Team, experiments: dict[str, dict]) -> N
 
 
 # --------------------------------------------------------------------------- 4. MLflow UI
-
-
-def chromium_paths() -> tuple[str, str]:
-    """Debian's chromium and chromedriver; skipped here when absent, a failure under CI."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if browser and driver:
-        return browser, driver
-    message = "needs Debian's chromium and chromium-driver packages (apt-get install ...)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def visible_texts(driver, texts: list[str]) -> list[str]:
