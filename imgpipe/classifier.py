@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe.images import channel_count, check_image, decode_image
+from imgpipe.images import channel_count, decode_checked
 from imgpipe.model_folder import ModelFolder, ModelMeta
 
 
@@ -47,30 +47,21 @@ class Classifier:
             return np.zeros((0, len(self.meta.class_names)), dtype=np.float32)
         return self.model_type.predict_proba(self.model, pixels, batch_size)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Decode one encoded image into this model's (H, W, C) uint8 view."""
-        return decode_image(
+    def decode(self, data: bytes) -> np.ndarray | str:
+        """One encoded image as this model's (H, W, C) uint8 view, or why it cannot be read."""
+        return decode_checked(
             data, height=self.meta.height, width=self.meta.width, color=self.meta.color
         )
 
     def classify_bytes(self, images: list[bytes]) -> list[tuple[str, float] | str]:
         """(label, probability) for each encoded image, or the reason it could not be read."""
-        results: list[tuple[str, float] | str] = []
-        good: list[int] = []
-        pixels: list[np.ndarray] = []
-        for index, data in enumerate(images):
-            problem = check_image(data)
-            if problem is None:
-                try:
-                    pixels.append(self.decode(data))
-                    good.append(index)
-                    results.append("")
-                    continue
-                except Exception as error:  # a decoder failure is this file's problem only
-                    problem = f"cannot decode: {error}"
-            results.append(problem)
+        decoded = [self.decode(data) for data in images]
+        good = [index for index, pixels in enumerate(decoded) if not isinstance(pixels, str)]
+        results: list[tuple[str, float] | str] = [
+            pixels if isinstance(pixels, str) else "" for pixels in decoded
+        ]
         if good:
-            proba = self.predict_proba(np.stack(pixels))
+            proba = self.predict_proba(np.stack([decoded[index] for index in good]))
             best = proba.argmax(axis=1)
             for slot, index in enumerate(good):
                 results[index] = (self.meta.class_names[best[slot]], float(proba[slot, best[slot]]))

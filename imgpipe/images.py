@@ -214,6 +214,25 @@ def check_image(data: bytes) -> str | None:
     return None
 
 
+def decode_checked(data: bytes, *, height: int, width: int, color: str) -> np.ndarray | str:
+    """decode_image for bytes nobody has checked (a request, a file given to imgpipe-predict):
+    the (H, W, C) uint8 pixels, or the reason the bytes cannot be used, as check_image gives it.
+
+    A plain JPEG that the fast path decodes needs no second decoding to be checked (its size
+    was checked from its header); everything else is checked by check_image first.
+    """
+    pixels = _decode_plain_jpeg(data, height, width, color)
+    if pixels is not None:
+        return pixels
+    problem = check_image(data)
+    if problem is not None:
+        return problem
+    try:
+        return decode_image(data, height=height, width=width, color=color)
+    except Exception as error:  # a decoder failure is this file's problem only
+        return f"cannot decode: {error}"
+
+
 def _to_mode(image: Image.Image, color: str) -> Image.Image:
     """Convert any Pillow mode to L or RGB, flattening transparency onto white."""
     target = PILLOW_MODES[color]
@@ -271,9 +290,11 @@ def _decode_plain_jpeg(data: bytes, height: int, width: int, color: str) -> np.n
     if not data.startswith(b"\xff\xd8\xff") or b"Exif\x00\x00" in data[:65536]:
         return None
     try:
-        *_, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        jpeg_height, jpeg_width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in ("Gray", "YCbCr"):
             return None  # RGB-coded, CMYK and YCCK JPEGs: Pillow converts those correctly
+        if jpeg_height * jpeg_width > Image.MAX_IMAGE_PIXELS:
+            return None  # Pillow's decompression-bomb rules decide, as for every other file
         pixels = simplejpeg.decode_jpeg(
             data,
             colorspace={"L": "GRAY", "RGB": "RGB"}[PILLOW_MODES[color]],

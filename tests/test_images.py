@@ -416,3 +416,23 @@ def test_jpeg_fast_path_leaves_exif_cmyk_and_corrupt_files_to_pillow(
         assert images._decode_plain_jpeg(data, 8, 8, "rgb") is None
     grayscale_jpeg = _jpeg(_photo_like(32, 32, seed=5)[..., 0])
     assert images._decode_plain_jpeg(grayscale_jpeg, 16, 16, "rgb").shape == (16, 16, 3)
+
+
+def test_decode_checked_gives_pixels_or_the_reason() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(buffer, format="JPEG")
+    pixels = images.decode_checked(buffer.getvalue(), height=16, width=16, color="rgb")
+    assert isinstance(pixels, np.ndarray) and pixels.shape == (16, 16, 3)
+    assert images.decode_checked(b"", height=16, width=16, color="rgb") == "empty file (0 bytes)"
+    junk = images.decode_checked(b"not an image", height=16, width=16, color="rgb")
+    assert junk == "not an image Pillow can read"
+
+
+def test_decode_checked_applies_the_bomb_limit_to_plain_jpegs_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(buffer, format="JPEG")  # a fast-path JPEG
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,800 pixels: over twice the limit
+    answer = images.decode_checked(buffer.getvalue(), height=16, width=16, color="rgb")
+    assert isinstance(answer, str) and answer.startswith("decompression bomb refused")
