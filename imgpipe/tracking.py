@@ -6,6 +6,7 @@ resolved and set when a stage opens a run.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import logging
@@ -65,21 +66,69 @@ def configure_mlflow() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
+class TrackingLoginError(StageError):
+    """The MLflow tracking server refused this user's login or permission."""
+
+
+def credentials_header() -> dict[str, str]:
+    """The Authorization header the MLflow client sends, from the same environment variables
+    (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, else MLFLOW_TRACKING_TOKEN)."""
+    username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if username and password:
+        pair = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {pair}"}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
     """Why an http(s) tracking server does not answer its /health endpoint, or None if it does.
 
-    Other stores (sqlite, file) are local and always count as reachable.
+    The request carries the user's credentials (a proxy in front of the server may ask for them);
+    a login it refuses (401, 403) counts as reachable: login_problem says what is wrong. Other
+    stores (sqlite, file) are local and always count as reachable.
     """
     if not uri.startswith(("http://", "https://")):
         return None
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health", headers=credentials_header())
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             if response.status >= 400:
                 return f"/health answered HTTP {response.status}"
     except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            return None
         return f"/health answered HTTP {error.code}"
     except (urllib.error.URLError, OSError, ValueError) as error:
         return str(getattr(error, "reason", error))
+    return None
+
+
+LOGIN_HELP = (
+    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on that server "
+    "(its admin creates accounts and resets passwords)"
+)
+
+
+def login_problem(uri: str) -> str | None:
+    """Why an http(s) tracking server refuses this user (a one-line message that says what to
+    do), or None when it accepts the login or asks for none."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            return None  # not a login problem: the calls that log report it
+        username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        status = error.get_http_status_code()
+        if not username:
+            return f"MLflow server {uri} asks for a login (HTTP {status}): {LOGIN_HELP}"
+        return (
+            f"MLflow server {uri} refused the login of user {username!r} (HTTP {status}: wrong "
+            f"password, or no such user): {LOGIN_HELP}"
+        )
     return None
 
 
@@ -87,12 +136,16 @@ def open_store(tracking: TrackingParams) -> Store:
     """The store a stage logs to (params' `tracking:`), checked before any work starts.
 
     An unreachable server stops the stage at once (on_unreachable "fail") or is replaced by the
-    local sqlite store with a warning (on_unreachable "local").
+    local sqlite store with a warning (on_unreachable "local"). A server that refuses the user's
+    login stops the stage, with what to set.
     """
     configure_mlflow()
     uri = tracking_uri(tracking.uri)
     reason = unreachable_reason(uri)
     if reason is None:
+        problem = login_problem(uri)  # a wrong password is no reason to log elsewhere
+        if problem is not None:
+            raise TrackingLoginError(f"{problem}; nothing was done.")
         return Store(uri, tracking.experiment)
     local = local_uri()
     if tracking.on_unreachable == "local":
@@ -169,7 +222,13 @@ class Store:
         if exp_name:
             tags["dvc_experiment"] = exp_name
         run_name = f"{model_name}-{exp_name}" if exp_name else f"{model_name}-{commit[:7]}"
-        created = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        try:
+            created = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code != "PERMISSION_DENIED":
+                raise
+            denied = self._denied(f"log runs into experiment {self.experiment!r}")
+            raise TrackingLoginError(denied) from None
         run = Run(created.info.run_id, self)
         run.log_params(params)
         log.info("MLflow run %s (%s) in %s", run_name, run.run_id, self.uri)
@@ -190,8 +249,22 @@ class Store:
             return experiment.experiment_id
         try:
             return self.client.create_experiment(self.experiment)
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code == "PERMISSION_DENIED":
+                raise TrackingLoginError(
+                    self._denied(f"create experiment {self.experiment!r}")
+                ) from None
+            # created meanwhile by a parallel stage
             return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def _denied(self, what: str) -> str:
+        """A one-line message for a server that does not let this user do `what`."""
+        username = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(no MLFLOW_TRACKING_USERNAME)"
+        return (
+            f"MLflow server {self.uri} does not let user {username!r} {what} (HTTP 403): ask the "
+            "server's admin for EDIT permission on it, or set tracking.experiment to an "
+            "experiment of yours; nothing was logged."
+        )
 
 
 class Run:
@@ -396,9 +469,10 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc wrapper around imgpipe.classifier.Classifier.
 
     Input: a uint8 array (N, H, W, C) in the model's view, or a DataFrame with an `image`
-    column of encoded image bytes (or base64 text, as in a JSON serving request). Output: a
-    DataFrame with `label`, `probability`, one `p_<class>` column per class, and `error` for
-    unreadable images.
+    column of encoded image bytes (or base64 text, as in a JSON serving request). Output: for
+    arrays, `label`, `probability` and one `p_<class>` column per class; for images, `label`,
+    `probability` and `error`, one row per input row (see imgpipe.serving). Concurrent calls
+    (a server's request threads) share forward passes.
     """
 
     # MLflow wraps predict() for type-hint validation and warns when it has no hints; its input
@@ -408,14 +482,18 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the weights and meta.json from the logged artifacts."""
         from imgpipe.classifier import Classifier
+        from imgpipe.serving import BatchedPredictor
 
         self.classifier = Classifier.from_files(
             context.artifacts["model"], context.artifacts["meta"]
         )
+        self.batched = BatchedPredictor(self.classifier.predict_proba)
 
     # No type hints here: MLflow would turn them into a strict input schema.
     def predict(self, context, model_input, params=None):
         """Classify a batch of images."""
+        from imgpipe.serving import answer_rows
+
         names = self.classifier.meta.class_names
         if isinstance(model_input, np.ndarray):
             proba = self.classifier.predict_proba(model_input)
@@ -423,35 +501,9 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             frame.insert(0, "label", [names[i] for i in proba.argmax(axis=1)])
             frame.insert(1, "probability", proba.max(axis=1))
             return frame
-        images: list[bytes] = []
-        problems: dict[int, str] = {}
-        for index, value in enumerate(model_input["image"]):
-            try:
-                images.append(_image_bytes(value))
-            except (
-                TypeError,
-                ValueError,
-            ) as error:  # bad base64 or a missing value: this row only
-                images.append(b"")
-                problems[index] = str(error)
-        rows = []
-        for index, result in enumerate(self.classifier.classify_bytes(images)):
-            if isinstance(result, str):
-                error = problems.get(index, result)
-                rows.append({"label": None, "probability": None, "error": error})
-            else:
-                rows.append({"label": result[0], "probability": result[1], "error": None})
-        return pd.DataFrame(rows)
-
-
-def _image_bytes(value: Any) -> bytes:
-    import base64
-
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value)
-        except ValueError as error:
-            raise ValueError(f"image text is not valid base64: {error}") from None
-    raise TypeError(f"image column holds {type(value).__name__}; expected bytes or base64 text")
+        return answer_rows(
+            pd.DataFrame(model_input),
+            decode=self.classifier.decode,
+            predict=self.batched,
+            class_names=names,
+        )
