@@ -136,6 +136,8 @@ def make_project(origin: Path, *, models: tuple[str, ...] = MODELS) -> int:
     (origin / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", origin / ".dvc" / "config")
     shutil.copy(ROOT / ".dvc" / ".gitignore", origin / ".dvc" / ".gitignore")
+    # .dvc/config names it: `dvc plots show` draws offline with it
+    shutil.copy(ROOT / ".dvc" / "plots-template.html", origin / ".dvc" / "plots-template.html")
     small_params(origin / "params.yaml", models)
     raw_files = write_raw_digits(origin / "data" / "raw" / "digits")
     env = command_env()

@@ -66,6 +66,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     (repo / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
     shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
+    # .dvc/config names it: `dvc plots show` draws offline with it
+    shutil.copy(ROOT / ".dvc" / "plots-template.html", repo / ".dvc" / "plots-template.html")
     small_params(repo / "params.yaml")
     env = command_env()
     run(["git", "init", "-q", "-b", "main"], repo, env)
