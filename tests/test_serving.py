@@ -140,3 +140,55 @@ def test_error_bodies_become_one_line_without_stack_traces() -> None:
     assert plain["message"] == "This predictor only supports JSON"
     assert len(json.loads(one_line_error(400, b"y" * 10_000))["message"]) == 300
     assert json.loads(one_line_error(500, b""))["error_code"] == "INTERNAL_ERROR"
+
+
+def call_asgi(app, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """One HTTP request through an ASGI app, its body in 1 KB chunks: (status, body)."""
+    import asyncio
+
+    chunks = [body[i : i + 1024] for i in range(0, len(body), 1024)] or [b""]
+    incoming = [
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
+        for i, chunk in enumerate(chunks)
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/invocations", "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+async def echo_or_fail(scope, receive, send) -> None:
+    """A stand-in scoring app: reads the whole body, fails with a stack trace on b"fail"."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if body == b"fail":
+        status, answer = 400, json.dumps({"message": "bad\nInput: fail", "stack_trace": "T"})
+    else:
+        status, answer = 200, json.dumps({"predictions": len(body)})
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": answer.encode()})
+
+
+def test_guarded_app_bounds_the_body_and_rewrites_errors_to_one_line() -> None:
+    from imgpipe.serve import guarded
+
+    app = guarded(echo_or_fail, max_body_bytes=4096)
+    assert call_asgi(app, b"x" * 4096, []) == (200, b'{"predictions": 4096}')
+    status, body = call_asgi(app, b"x" * 5000, [])  # no Content-Length: counted while read
+    assert status == 413 and "larger than" in json.loads(body)["message"]
+    status, body = call_asgi(app, b"x" * 10, [(b"content-length", b"999999")])
+    assert status == 413
+    status, body = call_asgi(app, b"fail", [])
+    assert (status, json.loads(body)) == (400, {"error_code": "BAD_REQUEST", "message": "bad"})
