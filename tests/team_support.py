@@ -62,7 +62,8 @@ def serving(
     args: list[str], *, cwd: Path, env: dict[str, str], ready_url: str, timeout: float
 ) -> Iterator[subprocess.Popen]:
     """Start a server in its own process group, wait (bounded) for ready_url, always stop it."""
-    log_path = cwd / f"{Path(args[0]).name}-{args[1]}-{int(time.time() * 1000)}.log"
+    word = re.sub(r"[^A-Za-z0-9]+", "-", args[1])  # `serve`, or a URI: `models-imgpipe-dense-1`
+    log_path = cwd / f"{Path(args[0]).name}-{word}-{int(time.time() * 1000)}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             args,

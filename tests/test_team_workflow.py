@@ -9,6 +9,7 @@ experiments, serve the registered model and open the UI against that one server.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from benchmarks.serve import hostile_requests, judge, post, request_body
 from tests.support import command_env
 from tests.team_support import (
     BIN,
@@ -199,8 +202,13 @@ def png_base64(pixels) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-@pytest.mark.parametrize("model", ["dense", "logreg"])  # a Keras model and a scikit-learn one
-def test_registered_model_is_served_over_http(team: Team, tmp_path: Path, model: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "server"),  # a Keras and a scikit-learn model; the project's server and MLflow's
+    [("dense", "imgpipe-serve"), ("logreg", "mlflow models serve")],
+)
+def test_registered_model_is_served_over_http(
+    team: Team, tmp_path: Path, model: str, server: str
+) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=team.tracking_uri)
@@ -212,21 +220,13 @@ def test_registered_model_is_served_over_http(team: Team, tmp_path: Path, model:
     assert version.tags["n_test"] == str(test_metrics["n_test"])
 
     port = free_port()
-    args = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{name}/{version.version}",
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    uri = f"models:/{name}/{version.version}"
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    if server == "imgpipe-serve":
+        args = [str(BIN / "imgpipe-serve"), uri, *address]
+    else:
+        args = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
+        args += [*address, "--workers", "1"]
     env = {k: v for k, v in team.env.items() if k != "PYTHONPATH"}
     from imgpipe.demo import digits_images
 
@@ -249,6 +249,16 @@ def test_registered_model_is_served_over_http(team: Team, tmp_path: Path, model:
             timeout=60,
         )
         predictions = json.loads(answer.read())["predictions"]
+        if server == "imgpipe-serve":
+            # hostile requests (benchmarks/serve.py's list): per-row errors or a one-line 4xx, never
+            # a stack trace, and the server goes on answering
+            with closing(http.client.HTTPConnection("127.0.0.1", port, timeout=300)) as connection:
+                valid = base64.b64decode(images[0])
+                for hostile in hostile_requests(valid):
+                    status, body = post(connection, hostile.body, hostile.content_type)
+                    assert judge(hostile, status, body) is None, (hostile.name, status, body[:500])
+                status, body = post(connection, request_body([valid]))
+                assert status == 200 and json.loads(body)["predictions"][0]["label"] is not None
     assert len(predictions) == len(images) + 1
     for row in predictions[:-1]:
         assert row["label"] in {str(d) for d in range(10)}
