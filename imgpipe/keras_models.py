@@ -51,9 +51,12 @@ OPTIMIZERS = {
 PRECISIONS = ("float32", "mixed_bfloat16")
 # x86 CPU flags of native bfloat16 arithmetic (AVX-512 BF16, Intel AMX)
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-# precision auto: training steps run untimed (graph tracing, caches) and then timed, per precision
+# precision auto: training steps run untimed (graph tracing, caches) and then timed, per
+# precision, in TIMED_ROUNDS interleaved rounds (float32, bfloat16, float32, ...): the machine
+# may change speed for minutes at a time, and one slow stretch must not decide the choice
 WARMUP_STEPS = 3
 TIMED_STEPS = 20
+TIMED_ROUNDS = 4
 
 
 class KerasParams(ScheduledTraining):
@@ -353,7 +356,8 @@ class KerasModelType(ModelType):
 
         Where nothing computes bfloat16 natively (hardware None) it is float32 untimed: emulated
         bfloat16 is several times slower. Otherwise WARMUP_STEPS and then TIMED_STEPS training
-        steps of each precision are run on the first training images, and the faster one wins.
+        steps of each precision are run on the first training images, timed in interleaved
+        rounds; each precision's fastest round counts, and the faster precision wins.
         """
         if params.precision != "auto":
             return PrecisionChoice(params.precision, "as params.yaml sets it", {})
@@ -363,32 +367,39 @@ class KerasModelType(ModelType):
                 f"({' or '.join(BFLOAT16_CPU_FLAGS)}) here: bfloat16 would be emulated"
             )
             return PrecisionChoice(PRECISIONS[0], reason, {})
-        seconds = {p: self._step_seconds(params, data, p) for p in PRECISIONS}
+        seconds = self._step_seconds(params, data)
         fastest = min(seconds, key=seconds.__getitem__)
         return PrecisionChoice(fastest, f"auto, the faster of the two on {hardware}", seconds)
 
-    def _step_seconds(self, params: KerasParams, data: TrainingData, precision: str) -> float:
-        """Mean seconds of one training step in `precision`, after the warm-up steps."""
-        model = self.compiled_model(
-            params,
-            tuple(data.x_train.shape[1:]),
-            data.num_classes,
-            train_size=len(data.x_train),
-            precision=precision,
-        )
+    def _step_seconds(self, params: KerasParams, data: TrainingData) -> dict[str, float]:
+        """Seconds of one training step in each precision: the mean of its fastest round."""
+        shape = tuple(data.x_train.shape[1:])
+        models = {
+            precision: self.compiled_model(
+                params, shape, data.num_classes, train_size=len(data.x_train), precision=precision
+            )
+            for precision in PRECISIONS
+        }
         size = params.batch_size
         y_train = self.targets(params, data.y_train, data.num_classes)
         batches = [
             (data.x_train[i : i + size], y_train[i : i + size])
             for i in range(0, len(data.x_train) - size + 1, size)
         ][: WARMUP_STEPS + TIMED_STEPS]
-        for x, y in batches[:WARMUP_STEPS]:
-            model.train_on_batch(x, y)
+        for model in models.values():
+            for x, y in batches[:WARMUP_STEPS]:
+                model.train_on_batch(x, y)
         timed = batches[WARMUP_STEPS:] or batches[-1:]  # a tiny data set: time what there is
-        started = time.perf_counter()
-        for x, y in timed:
-            model.train_on_batch(x, y)
-        return (time.perf_counter() - started) / len(timed)
+        rounds = [timed[i::TIMED_ROUNDS] for i in range(TIMED_ROUNDS) if timed[i::TIMED_ROUNDS]]
+        best = dict.fromkeys(PRECISIONS, float("inf"))
+        for steps in rounds:
+            for precision, model in models.items():
+                started = time.perf_counter()
+                for x, y in steps:
+                    model.train_on_batch(x, y)
+                mean = (time.perf_counter() - started) / len(steps)
+                best[precision] = min(best[precision], mean)
+        return best
 
     def save(self, model: keras.Model, path: Path) -> None:
         """The native Keras file: architecture, weights, compile config."""
