@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -361,12 +362,16 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready()
             results = {}
             for per_request in (1, 32):
-                results[per_request] = run_load(
-                    server, pool, per_request, args.requests, args.clients
+                result = run_load(server, pool, per_request, args.requests, args.clients)
+                results[per_request] = result
+                print(
+                    f"  {per_request} image(s) a request: {result.images / result.seconds:,.0f} "
+                    f"images/s, p99 {result.percentile(99):.1f} ms, {result.errors} errors",
+                    flush=True,
                 )
             rss_before = server.rss_mb()
             verdicts = []
-            with server.connection(timeout=300) as connection:
+            with closing(server.connection(timeout=300)) as connection:
                 for hostile in hostile_requests(pool[0]):
                     start = time.perf_counter()
                     try:
