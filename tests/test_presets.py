@@ -36,10 +36,12 @@ def apply(values: list[str]) -> dict[str, Any]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for value in values:
         dotted, _, text = value.partition("=")
-        *parents, key = dotted.split(".")
+        adding = dotted.startswith("+")  # Hydra's syntax, which DVC uses: a key params.yaml lacks
+        *parents, key = dotted.removeprefix("+").split(".")
         section = params
         for parent in parents:
-            section = section[parent]
+            section = section.setdefault(parent, {}) if adding else section[parent]
+        assert adding or key in section, f"{dotted} is not in params.yaml: write +{dotted}"
         section[key] = yaml.safe_load(text)
     return params
 
