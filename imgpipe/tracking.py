@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -123,8 +124,12 @@ def login_problem(uri: str) -> str | None:
             return None  # not a login problem: the calls that log report it
         username = os.environ.get("MLFLOW_TRACKING_USERNAME")
         status = error.get_http_status_code()
-        if not username:
-            return f"MLflow server {uri} asks for a login (HTTP {status}): {LOGIN_HELP}"
+        if not (username and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+            return (
+                f"MLflow server {uri} asks for a login (HTTP {status}) and "
+                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not both set: "
+                f"{LOGIN_HELP}"
+            )
         return (
             f"MLflow server {uri} refused the login of user {username!r} (HTTP {status}: wrong "
             f"password, or no such user): {LOGIN_HELP}"
@@ -146,9 +151,11 @@ def open_store(tracking: TrackingParams) -> Store:
         problem = login_problem(uri)  # a wrong password is no reason to log elsewhere
         if problem is not None:
             raise TrackingLoginError(f"{problem}; nothing was done.")
+        prepare_sqlite_store(uri)
         return Store(uri, tracking.experiment)
     local = local_uri()
     if tracking.on_unreachable == "local":
+        prepare_sqlite_store(local)
         log.warning(
             "MLflow server %s is unreachable (%s): logging into the local store %s instead "
             "(tracking.on_unreachable: local)",
@@ -162,6 +169,25 @@ def open_store(tracking: TrackingParams) -> Store:
         "or point MLFLOW_TRACKING_URI / tracking.uri at one that runs, or run with "
         f"`-S tracking.on_unreachable=local` to log into {local} instead."
     )
+
+
+def prepare_sqlite_store(uri: str) -> None:
+    """Create (or upgrade) a SQLite store's tables while holding an exclusive lock on its file.
+
+    Parallel stages (`dvc queue start -j 2`) that open a new store at once would otherwise both
+    run MLflow's migrations, and one fails ("Online migration expected to match one row").
+    SQLite's own locks are fcntl locks, which a flock on the same file does not touch.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as handle:  # an empty file is an empty SQLite database
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:

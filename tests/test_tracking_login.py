@@ -1,0 +1,172 @@
+"""A tracking server that asks for a login: the stages send MLflow's credentials (also with their
+own /health check), and a refused login or permission stops a stage with one line that says what
+to set, never with a stack trace or the password.
+
+A stub HTTP server on 127.0.0.1 plays MLflow's basic-auth app (401 without the right login, 403
+where the user lacks permission); tests/test_team_server.py runs the real one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import mlflow
+import pytest
+
+from imgpipe import tracking
+from imgpipe.params import TrackingParams
+
+USER, PASSWORD = "bob", "s3cret-pw"
+
+
+class StubServer(ThreadingHTTPServer):
+    """Records the Authorization header of each request; answers as configured."""
+
+    health_needs_login = False
+    deny_run_creation = False
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), StubHandler)
+        self.authorizations: list[tuple[str, str | None]] = []
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """/health, experiments/search and get-by-name, runs/create: MLflow's answers, or 401/403."""
+
+    server: StubServer
+
+    def log_message(self, *args: object) -> None:  # keep pytest's output clean
+        pass
+
+    def answer(self, status: int, body: dict | str) -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def handle_any(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        sent = self.headers.get("Authorization")
+        self.server.authorizations.append((self.path, sent))
+        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        logged_in = sent == expected
+        if self.path == "/health" and not self.server.health_needs_login:
+            return self.answer(200, "OK")
+        if not logged_in:
+            return self.answer(401, "You are not authenticated.")
+        if self.path == "/health":
+            return self.answer(200, "OK")
+        if "experiments/search" in self.path:
+            return self.answer(200, {"experiments": []})
+        if "experiments/get-by-name" in self.path:
+            experiment = {"experiment_id": "1", "name": "imgpipe-test", "lifecycle_stage": "active"}
+            return self.answer(200, {"experiment": experiment})
+        if "runs/create" in self.path and self.server.deny_run_creation:
+            return self.answer(403, {"error_code": "PERMISSION_DENIED", "message": "Denied"})
+        return self.answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": self.path})
+
+    def do_GET(self) -> None:  # http.server calls it by this name
+        self.handle_any()
+
+    def do_POST(self) -> None:
+        self.handle_any()
+
+
+@pytest.fixture
+def stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubServer]:
+    server = StubServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # empty counts as unset; always undone
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        mlflow.set_tracking_uri(None)  # Store.start_run set it to this stub
+
+
+def login(monkeypatch: pytest.MonkeyPatch, user: str, password: str) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+
+def params(uri: str, on_unreachable: str = "fail") -> TrackingParams:
+    return TrackingParams(experiment="imgpipe-test", uri=uri, on_unreachable=on_unreachable)
+
+
+def test_credentials_header_follows_mlflows_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    assert tracking.credentials_header() == {}
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok")
+    assert tracking.credentials_header() == {"Authorization": "Bearer tok"}
+    login(monkeypatch, USER, PASSWORD)  # a username and password win over a token, as in MLflow
+    (value,) = tracking.credentials_header().values()
+    assert base64.b64decode(value.removeprefix("Basic ")) == f"{USER}:{PASSWORD}".encode()
+
+
+def test_the_health_check_sends_the_login_and_a_refused_one_is_no_outage(
+    stub: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub.health_needs_login = True  # e.g. a proxy in front of the server
+    login(monkeypatch, USER, PASSWORD)
+    assert tracking.unreachable_reason(stub.uri) is None
+    assert stub.authorizations[-1][1] is not None
+    login(monkeypatch, USER, "wrong")
+    assert tracking.unreachable_reason(stub.uri) is None  # reachable: login_problem says why
+
+
+def test_open_store_accepts_the_right_login(
+    stub: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    login(monkeypatch, USER, PASSWORD)
+    assert tracking.open_store(params(stub.uri)).uri == stub.uri
+
+
+@pytest.mark.parametrize("on_unreachable", ["fail", "local"])
+def test_a_wrong_password_stops_the_stage_with_one_line_and_no_password(
+    stub: StubServer, monkeypatch: pytest.MonkeyPatch, on_unreachable: str
+) -> None:
+    login(monkeypatch, USER, "wrong-pw")
+    with pytest.raises(tracking.TrackingLoginError) as caught:
+        tracking.open_store(params(stub.uri, on_unreachable))  # never falls back to local
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"refused the login of user '{USER}' (HTTP 401" in message
+    assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in message
+    assert "wrong-pw" not in message
+
+
+def test_no_login_at_all_says_which_variables_to_set(stub: StubServer) -> None:
+    with pytest.raises(tracking.TrackingLoginError) as caught:
+        tracking.open_store(params(stub.uri))
+    message = str(caught.value)
+    assert "asks for a login (HTTP 401)" in message
+    assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not both set" in message
+
+
+def test_no_permission_to_log_runs_says_whom_to_ask(
+    stub: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub.deny_run_creation = True
+    login(monkeypatch, USER, PASSWORD)
+    store = tracking.open_store(params(stub.uri))
+    with pytest.raises(tracking.TrackingLoginError) as caught:
+        store.start_run(model_name="dense", dataset="digits", data_hash="0" * 16, params={})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"does not let user '{USER}' log runs into experiment 'imgpipe-test'" in message
+    assert "EDIT permission" in message and PASSWORD not in message
