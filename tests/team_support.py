@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -149,13 +150,47 @@ def make_project(origin: Path, *, models: tuple[str, ...] = MODELS) -> int:
     return raw_files
 
 
+def missing_system_program(message: str) -> NoReturn:
+    """A test's system program (a Debian package) is not installed: skipped here, a failure
+    under CI (`CI` set), where .ci/run installs every one of them."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def chromium_paths() -> tuple[str, str]:
     """Debian's chromium and chromedriver; skipped here when absent, a failure under CI."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if browser and driver:
         return browser, driver
-    message = "needs Debian's chromium and chromium-driver packages (apt-get install ...)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    missing_system_program(
+        "needs Debian's chromium and chromium-driver packages (apt-get install ...)"
+    )
+
+
+def headless_chromium(
+    window_size: str, *arguments: str, logging_prefs: dict[str, str] | None = None
+) -> Any:
+    """Debian's Chromium, headless, driven by Selenium through Debian's chromedriver (Selenium
+    Manager never downloads one); `arguments` are more Chromium switches."""
+    browser, driver_path = chromium_paths()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # root in a container has no user namespace sandbox
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={window_size}",
+        *arguments,
+    ):
+        options.add_argument(argument)
+    if logging_prefs:
+        options.set_capability("goog:loggingPrefs", logging_prefs)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SE_OFFLINE", "true")
+        return webdriver.Chrome(service=Service(executable_path=driver_path), options=options)

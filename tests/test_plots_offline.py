@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from tests.support import command_env
-from tests.team_support import ROOT, chromium_paths, run
+from tests.team_support import ROOT, headless_chromium, run
 
 TEMPLATE = ROOT / ".dvc" / "plots-template.html"
 LOCK_FILE = ROOT / "scripts" / "plots-template" / "package-lock.json"
@@ -154,25 +154,11 @@ def offline_browser(
 ) -> Iterator[Callable[[Path, Path | None], PageReport]]:
     """Headless Chromium that cannot reach any host: every name resolves to nothing and DevTools
     emulates a lost connection. Yields open_page(page, screenshot_path) -> PageReport."""
-    browser, driver_path = chromium_paths()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # root in a container has no user namespace sandbox
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1300,1000",
+    driver = headless_chromium(
+        "1300,1000",
         "--host-resolver-rules=MAP * ~NOTFOUND",  # no DNS: jsDelivr cannot be reached
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
-        driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+        logging_prefs={"browser": "ALL", "performance": "ALL"},
+    )
     driver.execute_cdp_cmd("Network.enable", {})
     driver.execute_cdp_cmd(
         "Network.emulateNetworkConditions",

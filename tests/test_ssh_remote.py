@@ -29,7 +29,14 @@ import pytest
 import yaml
 
 from tests.support import command_env
-from tests.team_support import free_port, make_project, run, stages_run, stop
+from tests.team_support import (
+    free_port,
+    make_project,
+    missing_system_program,
+    run,
+    stages_run,
+    stop,
+)
 
 SSHD = Path("/usr/sbin/sshd")
 # sshd's privilege-separation folder, compiled in: a root sshd refuses to start without it
@@ -43,10 +50,7 @@ def sshd_path() -> Path:
     """Debian's sshd; skipped here when absent, a failure under CI."""
     if SSHD.is_file() and os.access(SSHD, os.X_OK):
         return SSHD
-    message = "needs Debian's openssh-server package (apt-get install openssh-server)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    missing_system_program("needs Debian's openssh-server package (apt-get install openssh-server)")
 
 
 @dataclass(frozen=True)

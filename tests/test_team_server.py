@@ -30,7 +30,15 @@ import pytest
 import yaml
 
 from tests.support import command_env
-from tests.team_support import ROOT, free_port, make_project, run, serving, stages_run
+from tests.team_support import (
+    ROOT,
+    free_port,
+    make_project,
+    missing_system_program,
+    run,
+    serving,
+    stages_run,
+)
 
 SCRIPT = ROOT / "scripts" / "team-server"
 EXPERIMENT = "imgpipe"
@@ -58,10 +66,7 @@ def require_postgres() -> None:
     """Debian's PostgreSQL server programs; skipped here when absent, a failure under CI."""
     if shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"):
         return
-    message = "needs PostgreSQL's server programs: apt-get install postgresql"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    missing_system_program("needs PostgreSQL's server programs: apt-get install postgresql")
 
 
 @dataclass(frozen=True)
