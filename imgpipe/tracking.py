@@ -514,6 +514,10 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             context.artifacts["model"], context.artifacts["meta"]
         )
         self.batched = BatchedPredictor(self.classifier.predict_proba)
+        # TensorFlow traces the forward pass for the first two batch sizes it meets (0.4 to
+        # 0.5 s each), then for any size: done here, not in the first requests' answer times
+        for count in (1, 2):
+            self.classifier.predict_proba(np.zeros((count, *self.classifier.input_shape), np.uint8))
 
     # No type hints here: MLflow would turn them into a strict input schema.
     def predict(self, context, model_input, params=None):
