@@ -1,19 +1,19 @@
 """The served model under load and under hostile requests, against imgpipe-predict in the same run.
 
 Logs a trained model folder (default models/cnn) as the pipeline does (MLflow pyfunc) into a
-temporary MLflow store, starts `imgpipe-serve` on 127.0.0.1 with it (MLflow's scoring server with
-a request-size bound and one-line errors), and sends bounded
-runs of requests from concurrent clients (threads with keep-alive connections): 1 and 32 images
-per request. Prints requests/s, images/s, p50/p99 latency and errors for each, beside the images/s
-of imgpipe-predict's own loop (read files, decode, classify in batches of 64) on the same
-images, in this process, in the same run. Then sends hostile requests (not base64, not an
-image, a 100-megapixel image, an empty body, wrong column names, a 20 MB body, 10,000 rows, ...)
-and checks each gets per-row errors or a 4xx with a one-line message and no stack trace, that
-the server still answers, and how much its memory grew. Every target ends with `met` or
-`MISSED`; the exit status is 1 when one is missed.
+temporary MLflow store, starts `imgpipe-serve` on 127.0.0.1 with it (MLflow's scoring server
+with a request-size bound and one-line errors), and sends bounded runs of requests from
+concurrent clients (threads with keep-alive connections): 1 and 32 images per request. Prints
+requests/s, images/s, p50/p99 latency and errors for each, beside the images/s of
+imgpipe-predict's own loop (read files, decode, classify in batches of 64) on the same images,
+in this process, in the same run. Then sends hostile requests (not base64, not an image, a
+100-megapixel image, an empty body, wrong column names, a 20 MB body, 10,000 rows, ...) and
+checks each gets per-row errors or a 4xx with a one-line message and no stack trace, that the
+server still answers, and how much its memory grew. Every target ends with `met` or `MISSED`;
+the exit status is 1 when one is missed.
 
   python benchmarks/serve.py                         # models/cnn, images from data/split/test
-  python benchmarks/serve.py --requests 200          # a quick look (CI's smoke run)
+  python benchmarks/serve.py --requests 1000         # CI's smoke run (fewer makes p99 noisy)
 """
 
 from __future__ import annotations
