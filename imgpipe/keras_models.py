@@ -1,6 +1,6 @@
-"""What every Keras model type shares: params, optimizer, compiling, the resumable training loop,
-saving, loading and predicting. A Keras model type (imgpipe/models/dense.py, cnn.py) only says
-how its network is built.
+"""What every Keras model type shares: params, optimizer, compiling, the devices it trains on
+(data-parallel over several), the resumable training loop, saving, loading and predicting. A Keras
+model type (imgpipe/models/dense.py, cnn.py) only says how its network is built.
 
 Builders return uncompiled models that take raw uint8 pixels (N, H, W, C) and scale them inside
 the graph, batch by batch: no float copy of the data set is ever made, and a saved model needs no
@@ -9,12 +9,14 @@ separate preprocessing to predict. Keras is imported where it is used, not with 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import random
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -29,11 +31,13 @@ from imgpipe.registry import (
     TrainingData,
     TrainResult,
 )
+from imgpipe.runtime import StageError
 from imgpipe.sections import ScheduledTraining
 from imgpipe.stall import StallWatchdog, stall_seconds
 
 if TYPE_CHECKING:
     import keras
+    import tensorflow as tf
 
     from imgpipe.checkpoints import TrainingCheckpoint
 
@@ -94,6 +98,119 @@ class PrecisionChoice:
     precision: str  # one of PRECISIONS
     reason: str
     step_seconds: dict[str, float]  # seconds per training step of each precision timed
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The devices a Keras model trains on (train.devices on this machine), and why."""
+
+    devices: tuple[str, ...]  # TensorFlow device names: ("/cpu:0",), ("/gpu:0", "/gpu:1"), ...
+    cpu_split: int  # logical devices to make of the CPU before TensorFlow starts; 0 = none
+    reason: str
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the model that train side by side, one per device."""
+        return len(self.devices)
+
+
+def plan_devices(devices: Literal["auto"] | int, gpus: int, batch_size: int) -> DevicePlan:
+    """The devices train.devices names on a machine with `gpus` GPUs, for a global batch of
+    batch_size images.
+
+    auto: every GPU, or the one device there is (a GPU, or the CPU); N: the first N GPUs, or on
+    a machine without GPUs the CPU split into N logical devices. Asking for more GPUs than there
+    are, or a batch that does not split evenly over the devices, is an error.
+    """
+    if devices == "auto":
+        if gpus > 1:
+            names = tuple(f"/gpu:{i}" for i in range(gpus))
+            plan = DevicePlan(names, 0, f"train.devices auto: all {gpus} GPUs here")
+        elif gpus:
+            plan = DevicePlan(("/gpu:0",), 0, "train.devices auto: the one GPU here")
+        else:
+            plan = DevicePlan(("/cpu:0",), 0, "train.devices auto, and no GPU here")
+    elif gpus:
+        if devices > gpus:
+            raise StageError(
+                f"train.devices is {devices} but this machine has {gpus} GPU"
+                f"{'s' if gpus > 1 else ''}: set train.devices to {gpus} or fewer in params.yaml, "
+                "or to auto (every GPU)"
+            )
+        names = tuple(f"/gpu:{i}" for i in range(devices))
+        plan = DevicePlan(names, 0, f"train.devices {devices}: the first {devices} of {gpus} GPUs")
+    elif devices == 1:
+        plan = DevicePlan(("/cpu:0",), 0, "train.devices 1, and no GPU here")
+    else:
+        plan = DevicePlan(
+            tuple(f"/cpu:{i}" for i in range(devices)),
+            devices,
+            f"train.devices {devices}, and no GPU here: the CPU split into {devices} logical "
+            "devices",
+        )
+    if batch_size % plan.replicas:  # Keras' fit fails on a batch split unevenly over replicas
+        lower = batch_size // plan.replicas * plan.replicas
+        nearest = [n for n in (lower, lower + plan.replicas) if n]
+        raise StageError(
+            f"batch_size {batch_size} does not split evenly over {plan.replicas} devices "
+            f"({plan.reason}): batch_size is the global batch, shared equally by the devices; "
+            f"set the model's batch_size in params.yaml to a multiple of {plan.replicas} "
+            f"({' or '.join(map(str, nearest))}), or change train.devices"
+        )
+    return plan
+
+
+def split_cpu(count: int) -> None:
+    """Make `count` logical devices of the CPU, which TensorFlow allows only before its first
+    operation in a process (a process that already has them keeps them)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    made = tf.config.get_logical_device_configuration(cpu)
+    if made is not None and len(made) == count:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+        )
+    except RuntimeError:
+        has = len(tf.config.list_logical_devices("CPU"))
+        raise StageError(
+            f"train.devices {count} splits the CPU into {count} logical devices, which "
+            "TensorFlow allows only before its first operation, and this process has already "
+            f"run TensorFlow on {has} CPU device{'s' if has > 1 else ''}: train in a fresh "
+            "process (the train stage does)"
+        ) from None
+
+
+def distribution(plan: DevicePlan) -> tf.distribute.Strategy | None:
+    """A MirroredStrategy over the plan's devices (the CPU split first where it says so), or
+    None for a single device: no strategy at all, training exactly as without this option."""
+    if plan.cpu_split:
+        split_cpu(plan.cpu_split)
+    if plan.replicas == 1:
+        return None
+    return _mirrored_strategy(plan.devices)
+
+
+@functools.cache
+def _mirrored_strategy(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per set of devices and process: a second one would number its
+    cross-device reductions from the same keys as the first and collide with them (TensorFlow
+    stops with 'Shape mismatch in the collective instance')."""
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(list(devices))
+
+
+def average_replica_copies(model: keras.Model) -> None:
+    """Give each variable that every device updates on its own (batch normalisation's moving
+    statistics) the mean of its copies on all devices: the copies are equal again, as a model
+    trained on one device has one value."""
+    for variable in model.non_trainable_variables:
+        copies = getattr(variable.value, "values", ())  # a MirroredVariable's per-device copies
+        if len(copies) > 1 and np.issubdtype(copies[0].dtype.as_numpy_dtype, np.floating):
+            variable.assign(np.mean([np.asarray(copy) for copy in copies], axis=0))
 
 
 def cpu_flags() -> set[str]:
@@ -199,6 +316,7 @@ class KerasModelType(ModelType):
 
     weights_file: ClassVar[str] = "model.keras"
     resumable: ClassVar[bool] = True
+    streams: ClassVar[bool] = True  # a table over train.stream_over_mb feeds fit as a generator
 
     @abstractmethod
     def build(
@@ -251,6 +369,7 @@ class KerasModelType(ModelType):
         seed: int,
         on_epoch_end: EpochCallback,
         checkpoint: TrainingCheckpoint | None,
+        devices: Literal["auto"] | int,
     ) -> TrainResult:
         """Build, compile and fit the model, one `fit` call per epoch.
 
@@ -258,7 +377,18 @@ class KerasModelType(ModelType):
         the start is restored: training continues after its last epoch and ends exactly where an
         uninterrupted run would (same batches, same dropout and augmentation draws, same
         optimizer state).
+
+        On several devices (train.devices, see plan_devices) the model, its optimizer and their
+        variables are made inside a MirroredStrategy: a copy on every device, each step training
+        on params.batch_size / devices images per device and applying the mean gradient to all
+        copies; batch normalisation's moving statistics, which each device keeps on its own, are
+        averaged over the devices after each epoch. Precision `auto` is timed on one device. The
+        model returned is the trained one copied onto one device.
         """
+        import tensorflow as tf
+
+        plan = plan_devices(devices, len(tf.config.list_physical_devices("GPU")), params.batch_size)
+        strategy = distribution(plan)  # before any TensorFlow operation: a CPU split needs it
         state = checkpoint.load() if checkpoint is not None else None
         if state is not None and state.epochs_done > params.epochs:
             state = None
@@ -272,18 +402,30 @@ class KerasModelType(ModelType):
             choice.reason,
             "".join(f"; {p} {t * 1000:.0f} ms a step" for p, t in choice.step_seconds.items()),
         )
+        if strategy is None:
+            log.info("training on one device, %s (%s)", plan.devices[0], plan.reason)
+        else:
+            log.info(
+                "training data-parallel on %d devices (%s) with MirroredStrategy: global batch "
+                "%d, %d per device (%s)",
+                plan.replicas,
+                ", ".join(plan.devices),
+                params.batch_size,
+                params.batch_size // plan.replicas,
+                plan.reason,
+            )
         if checkpoint is not None:
             checkpoint.extra = {**checkpoint.extra, "precision": choice.precision}
         seed_everything(seed)
-        x_train, y_train = data.x_train, data.y_train
-        model = self.compiled_model(
-            params,
-            tuple(x_train.shape[1:]),
-            data.num_classes,
-            train_size=len(x_train),
-            precision=choice.precision,
-        )
-        model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = self.compiled_model(
+                params,
+                data.image_shape,
+                data.num_classes,
+                train_size=data.train_size,
+                precision=choice.precision,
+            )
+            model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
         history: dict[str, list[float]] = {}
         first_epoch, earlier_seconds = 0, 0.0
         if state is not None:
@@ -295,25 +437,29 @@ class KerasModelType(ModelType):
                 first_epoch,
                 params.epochs,
             )
-        y_train = self.targets(params, y_train, data.num_classes)
+        # (empty where a table is streamed: its batches get their targets one by one)
+        y_train = self.targets(params, data.y_train, data.num_classes)
         y_val = self.targets(params, data.y_val, data.num_classes)
-        validation = (data.x_val, y_val) if len(data.x_val) else None
-        steps = math.ceil(len(x_train) / params.batch_size)
+        steps = math.ceil(data.train_size / params.batch_size)
         done = [first_epoch]  # epochs finished and checkpointed, for the stall advice
         watchdog = StallWatchdog(stall_seconds(), lambda: _resume_advice(checkpoint, done[0]))
         started = time.perf_counter()
+        # several devices: batch-norm statistics averaged over them at the end of each epoch
+        averaging = [_replica_averaging(steps)] if strategy is not None else []
         with watchdog:
             for epoch in range(first_epoch, params.epochs):
-                order = epoch_order(len(x_train), seed, epoch)  # a uint8 copy, never floats
+                arguments = self.epoch_input(params, data, (y_train, y_val), seed=seed, epoch=epoch)
+                if strategy is not None and data.streamed:  # generators misread: see _replayable
+                    streams = self._streams_for_devices(params, data, seed=seed, epoch=epoch)
+                    arguments.update(streams)
                 fitted = model.fit(
-                    x_train[order],
-                    y_train[order],
-                    validation_data=validation,
-                    batch_size=params.batch_size,
+                    **arguments,
                     initial_epoch=epoch,
                     epochs=epoch + 1,
-                    shuffle=False,  # epoch_order shuffled it, reproducibly per epoch
-                    callbacks=[_batch_progress(epoch, params.epochs, steps, watchdog.beat)],
+                    callbacks=[
+                        _batch_progress(epoch, params.epochs, steps, watchdog.beat),
+                        *averaging,
+                    ],
                     verbose=0,  # the stage reports each epoch itself, with a bar on a terminal
                 )
                 logs = {
@@ -330,19 +476,117 @@ class KerasModelType(ModelType):
                     done[0] = epoch + 1
                 watchdog.beat()
         seconds = time.perf_counter() - started
+        if strategy is not None:
+            # the trained model and optimizer copied onto one device (plain variables), as one
+            # device would have left them: a model made in a strategy's scope keeps using it, and
+            # its predict_on_batch runs the whole batch on every device, returning each row twice
+            trained = training_state(model)
+            model = self.compiled_model(
+                params,
+                data.image_shape,
+                data.num_classes,
+                train_size=data.train_size,
+                precision=choice.precision,
+            )
+            model.optimizer.build(model.trainable_variables)
+            restore_training_state(model, trained)
         return TrainResult(
             model=self.inference_model(model, params),
             history=history,
             seconds=earlier_seconds + seconds,
-            images_per_second=len(x_train) * (params.epochs - first_epoch) / max(seconds, 1e-9),
+            images_per_second=data.train_size * (params.epochs - first_epoch) / max(seconds, 1e-9),
             parameters=int(model.count_params()),
             resumed_from_epoch=first_epoch,
             choices={
                 "precision": choice.precision,
                 "precision_reason": choice.reason,
                 **{f"step_seconds_{p}": t for p, t in choice.step_seconds.items()},
+                "devices": ", ".join(plan.devices),
+                "devices_reason": plan.reason,
+                "replicas": plan.replicas,
             },
         )
+
+    def epoch_input(
+        self,
+        params: KerasParams,
+        data: TrainingData,
+        targets: tuple[np.ndarray, np.ndarray],
+        *,
+        seed: int,
+        epoch: int,
+    ) -> dict[str, Any]:
+        """`fit`'s data arguments for one epoch, training and validation; targets are
+        targets() of data.y_train and data.y_val.
+
+        A table in memory: its rows in epoch_order (a uint8 copy, never floats). A streamed
+        table: its batches through the shuffle buffer, whose order also depends only on (seed,
+        epoch). A streamed val table: its batches in file order.
+        """
+        y_train, y_val = targets
+        if data.train_stream is None:
+            order = epoch_order(len(data.x_train), seed, epoch)
+            arguments = {
+                "x": data.x_train[order],
+                "y": y_train[order],
+                "batch_size": params.batch_size,
+                "shuffle": False,  # epoch_order shuffled it, reproducibly per epoch
+            }
+        else:
+            batches = data.train_stream.shuffled_batches(params.batch_size, seed=seed, epoch=epoch)
+            arguments = {
+                "x": self._fed(params, batches, data.num_classes),
+                "steps_per_epoch": data.train_stream.batch_count(params.batch_size),
+                "shuffle": False,  # the stream shuffled it
+            }
+        if data.val_stream is not None:
+            batches = data.val_stream.ordered_batches(params.batch_size)
+            arguments["validation_data"] = self._fed(params, batches, data.num_classes)
+            arguments["validation_steps"] = data.val_stream.batch_count(params.batch_size)
+        else:
+            arguments["validation_data"] = (data.x_val, y_val) if len(data.x_val) else None
+        return arguments
+
+    def _streams_for_devices(
+        self, params: KerasParams, data: TrainingData, *, seed: int, epoch: int
+    ) -> dict[str, tf.data.Dataset]:
+        """epoch_input's streamed tables for several devices: the same batches, as tf.data
+        pipelines that read the stream afresh each time they are iterated and batch where
+        TensorFlow sees it (see _replayable)."""
+        arguments = {}
+        if data.train_stream is not None:
+            stream = data.train_stream
+            arguments["x"] = _replayable(
+                lambda: self._fed(
+                    params,
+                    stream.shuffled_batches(params.batch_size, seed=seed, epoch=epoch),
+                    data.num_classes,
+                ),
+                params.batch_size,
+            )
+        if data.val_stream is not None:
+            val_stream = data.val_stream
+            arguments["validation_data"] = _replayable(
+                lambda: self._fed(
+                    params, val_stream.ordered_batches(params.batch_size), data.num_classes
+                ),
+                params.batch_size,
+            )
+        return arguments
+
+    def _fed(
+        self,
+        params: KerasParams,
+        batches: Iterator[tuple[np.ndarray, np.ndarray]],
+        num_classes: int,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Streamed (pixels, labels) batches as `fit` takes them: (pixels, targets()) each.
+
+        Keras runs a generator in a tf.data pipeline that prefetches: the next row group is
+        read and decompressed while the current batches train.
+        """
+        for pixels, labels in batches:
+            yield pixels, self.targets(params, labels, num_classes)
 
     def inference_model(self, model: keras.Model, params: Any) -> keras.Model:
         """What is saved, evaluated and served once training ends: the trained model itself,
@@ -373,19 +617,23 @@ class KerasModelType(ModelType):
 
     def _step_seconds(self, params: KerasParams, data: TrainingData) -> dict[str, float]:
         """Seconds of one training step in each precision: the mean of its fastest round."""
-        shape = tuple(data.x_train.shape[1:])
         models = {
             precision: self.compiled_model(
-                params, shape, data.num_classes, train_size=len(data.x_train), precision=precision
+                params,
+                data.image_shape,
+                data.num_classes,
+                train_size=data.train_size,
+                precision=precision,
             )
             for precision in PRECISIONS
         }
         size = params.batch_size
-        y_train = self.targets(params, data.y_train, data.num_classes)
+        x_head, y_head = data.train_head((WARMUP_STEPS + TIMED_STEPS) * size)  # no more is read
+        y_head = self.targets(params, y_head, data.num_classes)
         batches = [
-            (data.x_train[i : i + size], y_train[i : i + size])
-            for i in range(0, len(data.x_train) - size + 1, size)
-        ][: WARMUP_STEPS + TIMED_STEPS]
+            (x_head[i : i + size], y_head[i : i + size])
+            for i in range(0, len(x_head) - size + 1, size)
+        ]
         for model in models.values():
             for x, y in batches[:WARMUP_STEPS]:
                 model.train_on_batch(x, y)
@@ -437,6 +685,44 @@ def _resume_advice(checkpoint: TrainingCheckpoint | None, epochs_done: int) -> s
         f"rerun the stage (dvc repro) to resume after epoch {epochs_done} from the checkpoint "
         f"in {checkpoint.directory}"
     )
+
+
+def _replayable(
+    batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], batch_size: int
+) -> tf.data.Dataset:
+    """Streamed (pixels, targets) batches for a MirroredStrategy: a tf.data pipeline that calls
+    `batches` for a fresh stream each time it is iterated, and re-forms its batches (all full but
+    the last) with `batch`, whose size the strategy needs to split each one over the devices.
+
+    A generator as such would be read wrongly on several devices: Keras reads a first batch of
+    it to build the model and then starts again, losing what it read ahead, and the strategy
+    gives each device whole batches of a pipeline whose batch size it cannot see (a global batch
+    of batch_size x devices, and an epoch that runs out half-way).
+    """
+    import tensorflow as tf
+
+    first = next(batches())
+    signature = tuple(
+        tf.TensorSpec((None, *part.shape[1:]), tf.as_dtype(part.dtype)) for part in first
+    )
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    return dataset.unbatch().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _replica_averaging(steps: int) -> keras.callbacks.Callback:
+    """Calls average_replica_copies after an epoch's last training batch (of `steps`), so that
+    validation, the checkpoint and the saved model see one value; and again when `fit` ends."""
+    import keras
+
+    class ReplicaAveraging(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if batch + 1 == steps:
+                average_replica_copies(self.model)
+
+        def on_train_end(self, logs: dict | None = None) -> None:
+            average_replica_copies(self.model)
+
+    return ReplicaAveraging()
 
 
 def _batch_progress(

@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from imgpipe.images import PILLOW_MODES, channel_count
 from imgpipe.registry import model_types
@@ -65,6 +73,22 @@ class TabulateParams(Section):
 
 class TrainParams(Section):
     seed: int
+    # a train or val table whose pixels (uncompressed, in MB of 10^6 bytes) exceed this is
+    # streamed by row group instead of read whole; 0 = stream every table
+    stream_over_mb: int = Field(ge=0)
+    # rows in the seeded shuffle buffer that a streamed train table passes through
+    shuffle_rows: int = Field(ge=0)
+    # what Keras models train on: auto (every GPU, data-parallel when there are several; else
+    # the one GPU or the CPU) or N (the first N GPUs; without GPUs, the CPU split into N logical
+    # devices, to try data-parallel training on any machine)
+    devices: Literal["auto"] | int
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _auto_or_a_count(cls, value: object) -> object:
+        if value == "auto" or (type(value) is int and value >= 1):
+            return value
+        raise PydanticCustomError("devices", "must be auto or a number of devices, 1 or more")
 
 
 class EvaluateParams(Section):

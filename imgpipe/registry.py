@@ -19,13 +19,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 if TYPE_CHECKING:
     from imgpipe.checkpoints import TrainingCheckpoint
     from imgpipe.sections import Section
+    from imgpipe.tables import TableStream
 
 MODELS_PACKAGE = "imgpipe.models"
 # What a training history holds, per epoch, for every model type (curves, MLflow, dvc plots).
@@ -36,13 +37,54 @@ EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch from 0, {key: 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """A view's train and val tables as arrays."""
+    """A view's train and val tables as arrays, or, a table over `train.stream_over_mb`, as a
+    stream read one row group at a time (only for model types whose `streams` is True)."""
 
-    x_train: np.ndarray  # (N, H, W, C) uint8
-    y_train: np.ndarray  # (N,) int64 class indices
-    x_val: np.ndarray  # (M, H, W, C) uint8
+    x_train: np.ndarray  # (N, H, W, C) uint8; (0, H, W, C) when train_stream holds the table
+    y_train: np.ndarray  # (N,) int64 class indices; (0,) when streamed
+    x_val: np.ndarray  # (M, H, W, C) uint8; (0, H, W, C) when val_stream holds the table
     y_val: np.ndarray  # (M,) int64
     num_classes: int
+    train_stream: TableStream | None = None  # the train table, when too big to read whole
+    val_stream: TableStream | None = None  # the val table, when too big to read whole
+
+    def __post_init__(self) -> None:
+        for name, stream, pixels in (
+            ("train", self.train_stream, self.x_train),
+            ("val", self.val_stream, self.x_val),
+        ):
+            if stream is not None and (len(pixels) or tuple(pixels.shape[1:]) != stream.shape):
+                raise ValueError(
+                    f"a streamed {name} table comes with empty arrays of its image shape "
+                    f"{stream.shape}, got {pixels.shape}"
+                )
+
+    @property
+    def streamed(self) -> bool:
+        """True when a table is streamed rather than held in the arrays."""
+        return self.train_stream is not None or self.val_stream is not None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image."""
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def train_size(self) -> int:
+        """Training images, streamed or not."""
+        return self.train_stream.rows if self.train_stream is not None else len(self.y_train)
+
+    @property
+    def val_size(self) -> int:
+        """Validation images, streamed or not."""
+        return self.val_stream.rows if self.val_stream is not None else len(self.y_val)
+
+    def train_head(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `rows` training images and labels, in table order (read from the stream
+        when there is one)."""
+        if self.train_stream is not None:
+            return self.train_stream.head(rows)
+        return self.x_train[:rows], self.y_train[:rows]
 
 
 @dataclass
@@ -66,6 +108,9 @@ class ModelType(ABC):
     weights_file: ClassVar[str]  # the weights' file name inside models/<name>/
     # True when train() saves every epoch to a TrainingCheckpoint and resumes from one
     resumable: ClassVar[bool] = False
+    # True when train() can take a table as a TableStream (TrainingData.train_stream,
+    # val_stream) instead of arrays: the train stage streams tables over train.stream_over_mb
+    streams: ClassVar[bool] = False
 
     @abstractmethod
     def train(
@@ -76,8 +121,13 @@ class ModelType(ABC):
         seed: int,
         on_epoch_end: EpochCallback,
         checkpoint: TrainingCheckpoint | None,
+        devices: Literal["auto"] | int,
     ) -> TrainResult:
-        """Fit a new model on data.x_train (uint8 pixels), reporting each finished epoch."""
+        """Fit a new model on data.x_train (uint8 pixels), reporting each finished epoch.
+
+        devices is train.devices: what Keras models train on, data-parallel over several; the
+        NumPy and scikit-learn models train on the CPU and do not use it.
+        """
 
     def planned_epochs(self, params: Any) -> int:
         """How many epochs train() runs with these params (its `epochs` knob by default)."""

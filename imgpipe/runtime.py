@@ -31,7 +31,8 @@ def stage_errors(stage: str) -> Iterator[None]:
 
 
 def setup_logging(stage: str) -> logging.Logger:
-    """Log `[split] wrote 400 images to data/split` lines on stderr; quiet TensorFlow's C++ logs."""
+    """Log `[split] wrote 400 images to data/split` lines on stderr; quiet TensorFlow's C++ logs
+    and its Python INFO lines (a MirroredStrategy notes every reduction it plans)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(
         level=os.environ.get("IMGPIPE_LOG_LEVEL", "INFO"),
@@ -39,6 +40,7 @@ def setup_logging(stage: str) -> logging.Logger:
         stream=sys.stderr,
         force=True,
     )
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     return logging.getLogger(f"imgpipe.{stage}")
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,3 +278,161 @@ class ParquetBatches:
         """Draw the next epoch's order (only with a seed)."""
         if self._rng is not None:
             self._plan_epoch()
+
+
+def shuffle_buffer_batches(
+    row_groups: Iterable[tuple[np.ndarray, np.ndarray]],
+    *,
+    rng: np.random.Generator,
+    batch_size: int,
+    buffer_rows: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Mini-batches of (pixels (B, H, W, C), labels (B,)) drawn at random through a buffer.
+
+    Each row group that arrives joins the buffer; whenever the buffer then holds more than
+    `buffer_rows` rows, whole batches of rows chosen at random from all it holds leave it until
+    it holds at most that many again. Once the row groups run out, what is left leaves in a
+    random order. Every row comes out exactly once; every batch but the last is full, so an epoch
+    has ceil(rows / batch_size) batches, as in memory. Rows held: at most
+    max(buffer_rows, batch_size - 1) plus one row group. The order depends only on the rows and
+    on `rng`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pixels: np.ndarray | None = None  # (capacity, H, W, C) uint8: the buffer, rows [0, held)
+    labels: np.ndarray | None = None  # (capacity,)
+    held = 0
+    for group_pixels, group_labels in row_groups:
+        arriving = len(group_labels)
+        if pixels is None or labels is None or held + arriving > len(pixels):
+            # the first group, or a bigger one than seen so far: a buffer that fits it
+            capacity = max(buffer_rows, batch_size - 1) + arriving
+            grown = np.empty((capacity, *group_pixels.shape[1:]), dtype=group_pixels.dtype)
+            grown_labels = np.empty(capacity, dtype=group_labels.dtype)
+            if pixels is not None and labels is not None:
+                grown[:held], grown_labels[:held] = pixels[:held], labels[:held]
+            pixels, labels = grown, grown_labels
+        pixels[held : held + arriving] = group_pixels
+        labels[held : held + arriving] = group_labels
+        held += arriving
+        if held <= buffer_rows:
+            continue
+        over = held - buffer_rows
+        leaving = min(-(-over // batch_size), held // batch_size) * batch_size
+        chosen = rng.permutation(held)[:leaving]  # (leaving,) rows, in the order they leave
+        for start in range(0, leaving, batch_size):
+            rows = chosen[start : start + batch_size]
+            yield pixels[rows], labels[rows]  # copies: the buffer changes after the last one
+        # close the gaps: rows kept beyond the new end move into the rows that left before it
+        kept = held - leaving
+        left = np.zeros(held, dtype=bool)
+        left[chosen] = True
+        gaps = np.flatnonzero(left[:kept])
+        movers = kept + np.flatnonzero(~left[kept:])
+        pixels[gaps], labels[gaps] = pixels[movers], labels[movers]
+        held = kept
+    if pixels is None or labels is None or not held:
+        return
+    rest = rng.permutation(held)
+    for start in range(0, held, batch_size):
+        rows = rest[start : start + batch_size]
+        yield pixels[rows], labels[rows]
+
+
+def ordered_batches(
+    row_groups: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Mini-batches of the rows in the order they come, every one full but the last (batches
+    run across row groups), as slicing the whole table would give them."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    carried: tuple[np.ndarray, np.ndarray] | None = None  # the last group's tail, < batch_size
+    for group_pixels, group_labels in row_groups:
+        start = 0
+        if carried is not None:
+            start = min(batch_size - len(carried[1]), len(group_labels))
+            carried = (
+                np.concatenate([carried[0], group_pixels[:start]]),
+                np.concatenate([carried[1], group_labels[:start]]),
+            )
+            if len(carried[1]) < batch_size:
+                continue
+            yield carried
+            carried = None
+        whole = start + (len(group_labels) - start) // batch_size * batch_size
+        for first in range(start, whole, batch_size):
+            yield group_pixels[first : first + batch_size], group_labels[first : first + batch_size]
+        if whole < len(group_labels):
+            carried = (group_pixels[whole:].copy(), group_labels[whole:].copy())
+    if carried is not None:
+        yield carried
+
+
+class TableStream:
+    """A pixel table too big to read whole, read one row group at a time.
+
+    `shuffled_batches` gives an epoch's mini-batches through a seeded shuffle buffer of
+    `shuffle_rows` rows, in an order that depends only on (seed, epoch): a run resumed at epoch k
+    sees the batches of a run that never stopped. `ordered_batches` gives them in file order.
+    Each epoch opens the file afresh, so two epochs (or two streams) may be read at once.
+    """
+
+    def __init__(self, path: str | Path, *, shuffle_rows: int) -> None:
+        if shuffle_rows < 0:
+            raise ValueError(f"shuffle_rows must be >= 0, got {shuffle_rows}")
+        self.path = Path(path)
+        self.shuffle_rows = shuffle_rows
+        metadata = pq.read_metadata(self.path)
+        schema_meta = metadata.schema.to_arrow_schema().metadata
+        self.shape: tuple[int, int, int] = tuple(json.loads(schema_meta[_META_SHAPE]))  # type: ignore[assignment]
+        self.class_names: list[str] = json.loads(schema_meta[_META_CLASSES])
+        self.rows = metadata.num_rows
+        # rows of each row group, in file order
+        self.group_rows = tuple(
+            metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)
+        )
+
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes of the whole table's pixels once read (uncompressed uint8)."""
+        return self.rows * int(np.prod(self.shape))
+
+    def batch_count(self, batch_size: int) -> int:
+        """Mini-batches in one epoch: ceil(rows / batch_size), as for the table in memory."""
+        return -(-self.rows // batch_size)
+
+    def row_groups(self, order: Iterable[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(pixels (G, H, W, C) uint8, labels (G,) int64) of each row group in `order`."""
+        with pq.ParquetFile(self.path) as parquet:
+            for group in order:
+                table = parquet.read_row_group(int(group), columns=["label_index", "pixels"])
+                pixels = pixels_from_column(table.column("pixels"), self.shape)
+                yield pixels, table.column("label_index").to_numpy().astype(np.int64)
+
+    def shuffled_batches(
+        self, batch_size: int, *, seed: int, epoch: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One epoch's mini-batches: the row groups in a random order, through the buffer."""
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self.group_rows))
+        return shuffle_buffer_batches(
+            self.row_groups(order), rng=rng, batch_size=batch_size, buffer_rows=self.shuffle_rows
+        )
+
+    def ordered_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The table's mini-batches in file order (validation: no shuffling)."""
+        return ordered_batches(self.row_groups(range(len(self.group_rows))), batch_size)
+
+    def head(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `rows` rows in file order (pixels, labels), reading only their row groups."""
+        needed, total = [], 0
+        for group, count in enumerate(self.group_rows):
+            if total >= rows:
+                break
+            needed.append(group)
+            total += count
+        parts = list(self.row_groups(needed))
+        if not parts:
+            return np.empty((0, *self.shape), np.uint8), np.empty(0, np.int64)
+        pixels = np.concatenate([p for p, _ in parts])[:rows]
+        return pixels, np.concatenate([y for _, y in parts])[:rows]

@@ -4,22 +4,26 @@ models/<model>/ whole, and log the run to MLflow."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from imgpipe.checkpoints import TrainingCheckpoint, fingerprint
 from imgpipe.model_folder import ModelFolder, ModelMeta
 from imgpipe.registry import EpochCallback, TrainingData, TrainResult, model_type
 from imgpipe.runtime import StageError
-from imgpipe.tables import read_table
+from imgpipe.tables import TableStream, read_table, table_info
 
 if TYPE_CHECKING:
     from imgpipe.params import Params
     from imgpipe.tracking import Run
 
 log = logging.getLogger("imgpipe.training")
+MB = 10**6  # train.stream_over_mb's unit
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,40 @@ def run_params(model_name: str, params: Params, n_train: int, n_val: int) -> dic
         "n_train": n_train,
         "n_val": n_val,
     }
+
+
+def pixel_megabytes(path: Path) -> float:
+    """MB (10^6 bytes) of a table's pixels once read, from its footer: no pixels are read."""
+    shape, _, _, rows = table_info(path)
+    return rows * math.prod(shape) / MB
+
+
+def _megabytes(value: float) -> str:
+    """2,400 or 0.077: whole MB, or two significant digits below 10."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def training_data(
+    train_path: Path, val_path: Path, *, streamed: dict[str, bool], shuffle_rows: int
+) -> TrainingData:
+    """The train and val tables as arrays, or as TableStreams where `streamed` says so."""
+    arrays, streams = {}, {}
+    for name, path in (("train", train_path), ("val", val_path)):
+        if streamed[name]:
+            streams[name] = TableStream(path, shuffle_rows=shuffle_rows)
+            pixels = np.empty((0, *streams[name].shape), dtype=np.uint8)  # (0, H, W, C)
+            arrays[name] = (pixels, np.empty(0, dtype=np.int64))
+        else:
+            table = read_table(path, with_sources=False)
+            arrays[name] = (table.pixels, table.labels)
+    _, class_names, _, _ = table_info(train_path)
+    return TrainingData(
+        *arrays["train"],
+        *arrays["val"],
+        num_classes=len(class_names),
+        train_stream=streams.get("train"),
+        val_stream=streams.get("val"),
+    )
 
 
 def _epoch_reporter(run: Run, *, epochs: int) -> EpochCallback:
@@ -79,8 +117,11 @@ def train_model(
     """Train `model_name` on tables_dir/{train,val}.parquet and write out_dir (models/<model>).
 
     With checkpoint_dir, a model type that trains epoch by epoch saves every epoch there, and an
-    interrupted run resumes from it (in the same MLflow run). The MLflow store is checked before
-    anything else: an unreachable server stops training before it starts.
+    interrupted run resumes from it (in the same MLflow run). A table whose pixels exceed
+    train.stream_over_mb is streamed by row group instead of read whole (decided from its
+    footer). The MLflow store is checked before anything else, then the tables' footers: an
+    unreachable server, a wrong view or a model type that cannot stream a table too big to
+    read stops training before any pixels are read.
     """
     from imgpipe import tracking  # deferred: importing mlflow takes seconds
 
@@ -91,22 +132,45 @@ def train_model(
     store = tracking.open_store(params.tracking)
 
     train_path, val_path = tables_dir / "train.parquet", tables_dir / "val.parquet"
-    train = read_table(train_path, with_sources=False)
-    val = read_table(val_path, with_sources=False)
-    if tuple(train.pixels.shape[1:]) != view.shape:
+    shape, class_names, _, _ = table_info(train_path)  # the footer only: no pixels read yet
+    if tuple(shape) != view.shape:
         raise StageError(
-            f"{train_path} holds {train.pixels.shape[1:]} images but view {view_name} is "
+            f"{train_path} holds {tuple(shape)} images but view {view_name} is "
             f"{view.shape}: run `dvc repro tabulate` first"
         )
-    data = TrainingData(
-        train.pixels, train.labels, val.pixels, val.labels, num_classes=len(train.class_names)
+    bound = params.train.stream_over_mb
+    sizes = {"train": pixel_megabytes(train_path), "val": pixel_megabytes(val_path)}
+    streamed = {name: megabytes > bound for name, megabytes in sizes.items()}
+    if any(streamed.values()) and not entry.streams:
+        over = max(sizes.values())
+        raise StageError(
+            f"{model_name} cannot stream a table (it fits the whole training table at once), "
+            f"and the {'train' if streamed['train'] else 'val'} table holds {_megabytes(over)} "
+            f"MB of pixels > train.stream_over_mb {bound:,}: raise train.stream_over_mb to at "
+            f"least {math.ceil(over):,} in params.yaml (the tables are then read whole, and "
+            f"training needs about 5 times that much memory), or remove {model_name} from "
+            "`models:`"
+        )
+    for name, megabytes in sizes.items():
+        if streamed[name]:
+            log.info(
+                "%s table %s MB of pixels > train.stream_over_mb %s: streaming it by row group%s",
+                name,
+                _megabytes(megabytes),
+                f"{bound:,}",
+                f" through a {params.train.shuffle_rows:,}-row shuffle buffer"
+                if name == "train"
+                else ", in file order",
+            )
+    data = training_data(
+        train_path, val_path, streamed=streamed, shuffle_rows=params.train.shuffle_rows
     )
     dataset = Path(params.data.raw).name
     log.info(
         "dataset %s: %d train and %d val images of %s %s, %d classes",
         dataset,
-        len(train.labels),
-        len(val.labels),
+        data.train_size,
+        data.val_size,
         view_name,
         "x".join(map(str, view.shape)),
         data.num_classes,
@@ -114,8 +178,8 @@ def train_model(
 
     data_hash = tracking.files_digest([train_path, val_path])
     logged_params = {
-        **run_params(model_name, params, len(train.labels), len(val.labels)),
-        "classes": ",".join(train.class_names),
+        **run_params(model_name, params, data.train_size, data.val_size),
+        "classes": ",".join(class_names),
     }
     checkpoint = None
     if checkpoint_dir is not None and entry.resumable:
@@ -142,6 +206,7 @@ def train_model(
             seed=params.train.seed,
             on_epoch_end=_epoch_reporter(run, epochs=entry.planned_epochs(section)),
             checkpoint=checkpoint,
+            devices=params.train.devices,
         )
         meta = ModelMeta(
             model=model_name,
@@ -149,7 +214,7 @@ def train_model(
             height=view.height,
             width=view.width,
             color=view.color,
-            class_names=list(train.class_names),
+            class_names=list(class_names),
         )
         summary = {
             "train_seconds": round(result.seconds, 2),
@@ -168,8 +233,10 @@ def train_model(
             checkpoint.clear()  # the model is saved: a rerun must train afresh, not resume
         run.log_metrics(summary)
         # what the model type decided (e.g. the precision `auto` chose): text as params
-        # (`chosen.precision`), timings as metrics
-        run.log_params({"chosen": {k: v for k, v in result.choices.items() if isinstance(v, str)}})
+        # (`chosen.precision`), timings as metrics; and which tables were streamed
+        chosen = {k: v for k, v in result.choices.items() if isinstance(v, str)}
+        chosen["streamed"] = ", ".join(name for name, on in streamed.items() if on) or "none"
+        run.log_params({"chosen": chosen})
         run.log_metrics({k: v for k, v in result.choices.items() if not isinstance(v, str)})
         run.log_file(folder.history_csv)
         run.log_model(folder.weights_path(meta), folder.meta_path)

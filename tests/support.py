@@ -6,6 +6,7 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -41,14 +42,17 @@ def fit(
     seed: int,
     on_epoch_end: EpochCallback | None = None,
     checkpoint: TrainingCheckpoint | None = None,
+    devices: Literal["auto"] | int = 1,
 ) -> TrainResult:
-    """Train a registered model type on arrays, as the train stage does (without files)."""
+    """Train a registered model type on arrays, as the train stage does (without files); on one
+    device unless a test asks for more (train.devices)."""
     return model_type(model_name).train(
         section,
         TrainingData(x_train, y_train, x_val, y_val, num_classes=num_classes),
         seed=seed,
         on_epoch_end=on_epoch_end or (lambda epoch, logs: None),
         checkpoint=checkpoint,
+        devices=devices,
     )
 
 

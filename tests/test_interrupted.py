@@ -285,3 +285,55 @@ def test_killed_training_resumes_and_ends_exactly_like_an_uninterrupted_run(
     steps = {m.step for m in client.get_metric_history(run_id, "val_loss")}
     assert steps == set(range(10))
     assert client.get_run(run_id).data.params["dense.epochs"] == "10"
+
+
+@pytest.fixture(scope="module")
+def two_device_project(tmp_path_factory: pytest.TempPathFactory, train_project: Path) -> Path:
+    """train_project's tables and params, training on the CPU split into two devices."""
+    project = tmp_path_factory.mktemp("two_devices")
+    write_digit_tables(project / "tables" / "gray8")
+    params = yaml.safe_load((train_project / "params.yaml").read_text())
+    params["train"]["devices"] = 2
+    params["tracking"]["uri"] = f"sqlite:///{project / 'mlflow.db'}"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
+@pytest.mark.slow
+def test_killed_two_device_training_resumes_and_ends_like_an_uninterrupted_run(
+    two_device_project: Path,
+) -> None:
+    import keras
+
+    project = two_device_project
+    checkpoint = project / "checkpoints" / "dense"
+    process = start_stage(
+        train_command("models/dense", "checkpoints/dense"), project, project / "killed.log"
+    )
+    kill_when(process, lambda: checkpoint_epochs(checkpoint) >= 3, timeout=240)
+    killed_at = checkpoint_epochs(checkpoint)
+    assert 3 <= killed_at < 10
+
+    output = run_stage(
+        train_command("models/dense", "checkpoints/dense"), project, project / "resumed.log"
+    )
+    assert "training data-parallel on 2 devices (/cpu:0, /cpu:1) with MirroredStrategy" in output
+    assert f"resuming from checkpoint checkpoints/dense after epoch {killed_at} of 10" in output
+    straight_output = run_stage(
+        train_command("models/straight", "checkpoints/straight"), project, project / "straight.log"
+    )
+    assert "global batch 32, 16 per device" in straight_output
+
+    resumed = json.loads((project / "models" / "dense" / "history.json").read_text())
+    straight = json.loads((project / "models" / "straight" / "history.json").read_text())
+    assert resumed["resumed_from_epoch"] == killed_at
+    assert resumed["choices"]["replicas"] == straight["choices"]["replicas"] == 2
+    # the checkpoint's arrays went back into both devices' copies (weights, Adam's slots, the
+    # dropout and flip seed states): the same batches, draws and updates as without a stop
+    assert resumed["history"] == straight["history"]
+    weights = [
+        keras.saving.load_model(project / "models" / name / "model.keras", safe_mode=True)
+        for name in ("dense", "straight")
+    ]
+    for a, b in zip(weights[0].get_weights(), weights[1].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
@@ -67,6 +67,7 @@ class LogregType(ModelType):
         seed: int,
         on_epoch_end: EpochCallback,
         checkpoint: TrainingCheckpoint | None,
+        devices: Literal["auto"] | int,  # Keras models only: this one trains on the CPU
     ) -> TrainResult:
         """Fit on every training image at once; report train and val loss and accuracy."""
         from sklearn.exceptions import ConvergenceWarning

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -72,6 +72,34 @@ def _scaled_batch(
     scaled = np.divide(batch, 127.5, dtype=dtype)  # (b, D) float
     scaled -= 1
     return scaled
+
+
+# One training batch: uint8 pixels, which of their rows to train on (a slice: all), labels (b,)
+TrainBatch = tuple[np.ndarray, slice | np.ndarray, np.ndarray]
+
+
+def _array_batches(
+    pixels: np.ndarray, labels: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(pixels, labels) slices of batch_size rows, in order (views, no copies)."""
+    for start in range(0, len(labels), batch_size):
+        yield pixels[start : start + batch_size], labels[start : start + batch_size]
+
+
+def _shuffled_array_batches(
+    pixels: np.ndarray, labels: np.ndarray, batch_size: int
+) -> Callable[[int, np.random.Generator], Iterator[TrainBatch]]:
+    """train_batches for NumpyMLP.fit_batches over arrays: each epoch a permutation drawn from
+    the training's generator, cut into batches."""
+
+    def train_batches(epoch: int, rng: np.random.Generator) -> Iterator[TrainBatch]:
+        order = rng.permutation(len(labels))  # (N,)
+        for start in range(0, len(labels), batch_size):
+            # sorting inside a batch keeps its membership and makes the gather sequential
+            rows = np.sort(order[start : start + batch_size])  # (b,)
+            yield pixels, rows, labels[rows]
+
+    return train_batches
 
 
 def learning_rate_at(
@@ -327,14 +355,20 @@ class NumpyMLP:
 
     def _evaluate(self, pixels: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
         """Mean loss and accuracy over a uint8 pixel set, computed batch by batch."""
+        return self._evaluate_batches(_array_batches(pixels, y, batch_size))
+
+    def _evaluate_batches(
+        self, batches: Iterable[tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[float, float]:
+        """Mean loss and accuracy over (uint8 pixels (b, ...), labels (b,)) batches."""
         total_loss = 0.0
         correct = 0
-        n = pixels.shape[0]
-        for start in range(0, n, batch_size):
-            rows = slice(start, min(start + batch_size, n))
-            logits, _ = self._logits(_scaled_batch(pixels, rows, self.dtype))
-            total_loss += float(self._losses(logits, y[rows]).sum(dtype=np.float64))
-            correct += int(np.count_nonzero(self._predicted_labels(logits) == y[rows]))
+        n = 0
+        for pixels, y in batches:
+            logits, _ = self._logits(_scaled_batch(pixels, slice(None), self.dtype))
+            total_loss += float(self._losses(logits, y).sum(dtype=np.float64))
+            correct += int(np.count_nonzero(self._predicted_labels(logits) == y))
+            n += len(y)
         return total_loss / n, correct / n
 
     # ----------------------------------------------------------------- training
@@ -370,11 +404,53 @@ class NumpyMLP:
         y_val = self._check_labels(y_val, x_val.shape[0], "y_val")
         if x_train.shape[0] == 0 or x_val.shape[0] == 0:
             raise ValueError("x_train and x_val must each hold at least one sample")
+        if flip == "horizontal" and x_train.ndim != 4:
+            raise ValueError(f"flip needs pixels shaped (N, H, W, C); got {x_train.shape}")
+        return self.fit_batches(
+            _shuffled_array_batches(x_train, y_train, batch_size),
+            lambda: _array_batches(x_val, y_val, batch_size),
+            train_size=x_train.shape[0],
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            optimizer=optimizer,
+            schedule=schedule,
+            decay_steps=decay_steps,
+            decay_rate=decay_rate,
+            dropout=dropout,
+            flip=flip,
+            seed=seed,
+            on_epoch_end=on_epoch_end,
+        )
+
+    def fit_batches(
+        self,
+        train_batches: Callable[[int, np.random.Generator], Iterable[TrainBatch]],
+        val_batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+        *,
+        train_size: int,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        optimizer: str,
+        schedule: str,
+        decay_steps: int,
+        decay_rate: float,
+        dropout: float,
+        flip: str,
+        seed: int,
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> dict[str, list[float]]:
+        """Mini-batch training on batches from elsewhere (arrays, or a table streamed by row group).
+
+        train_batches(epoch, rng) gives one epoch's batches in training order, each as (uint8
+        pixels, the rows of them to train on, their labels); rng is the training's generator,
+        which also draws flips and dropout. val_batches() gives (pixels, labels) batches.
+        train_size: rows per epoch (sets a cosine schedule's length).
+        """
         _check_choice("optimizer", optimizer, OPTIMIZERS)
         _check_choice("schedule", schedule, SCHEDULES)
         _check_choice("flip", flip, FLIPS)
-        if flip != "none" and x_train.ndim != 4:
-            raise ValueError(f"flip needs pixels shaped (N, H, W, C); got {x_train.shape}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
@@ -386,10 +462,10 @@ class NumpyMLP:
         if not decay_rate > 0:
             raise ValueError(f"decay_rate must be > 0 (1.0 = constant); got {decay_rate!r}")
 
+        _check_positive_int("train_size", train_size)
         rng = np.random.default_rng(seed)
         opt = _Optimizer(optimizer, self.params)
-        n = x_train.shape[0]
-        total_steps = epochs * math.ceil(n / batch_size)
+        total_steps = epochs * math.ceil(train_size / batch_size)
         history: dict[str, list[float]] = {
             "loss": [],
             "accuracy": [],
@@ -397,15 +473,14 @@ class NumpyMLP:
             "val_accuracy": [],
         }
         for epoch in range(epochs):
-            order = rng.permutation(n)  # (N,)
             loss_sum = 0.0
             correct = 0
-            for start in range(0, n, batch_size):
-                # sorting inside a batch keeps its membership and makes the gather sequential
-                rows = np.sort(order[start : start + batch_size])  # (b,)
-                flips = rng.random(len(rows)) < 0.5 if flip == "horizontal" else None  # (b,)
-                xb = _scaled_batch(x_train, rows, self.dtype, flips)  # (b, D)
-                yb = y_train[rows]  # (b,)
+            n = 0  # rows trained on this epoch
+            for pixels, rows, yb in train_batches(epoch, rng):
+                count = len(yb)
+                flips = rng.random(count) < 0.5 if flip == "horizontal" else None  # (b,)
+                xb = _scaled_batch(pixels, rows, self.dtype, flips)  # (b, D)
+                n += count
                 logits, layer_inputs = self._logits(xb, dropout, rng)  # (b, K)
                 loss_sum += float(self._losses(logits, yb).sum(dtype=np.float64))
                 correct += int(np.count_nonzero(self._predicted_labels(logits) == yb))
@@ -420,7 +495,7 @@ class NumpyMLP:
                     total_steps=total_steps,
                 )
                 opt.step(self.params, grads, lr)
-            val_loss, val_accuracy = self._evaluate(x_val, y_val, batch_size)
+            val_loss, val_accuracy = self._evaluate_batches(val_batches())
             logs = {
                 "loss": loss_sum / n,  # sample-weighted mean over the epoch's batches
                 "accuracy": correct / n,
@@ -506,6 +581,7 @@ class NumpyMlpType(ModelType):
 
     params_class = NumpyMlpParams
     weights_file = "model.npz"
+    streams = True  # mini-batches: a table over train.stream_over_mb streams through them
 
     def train(
         self,
@@ -515,14 +591,20 @@ class NumpyMlpType(ModelType):
         seed: int,
         on_epoch_end: EpochCallback,
         checkpoint: TrainingCheckpoint | None,
+        devices: Literal["auto"] | int,  # Keras models only: this one trains on the CPU
     ) -> TrainResult:
-        """Build the net for the view's inputs and fit it with the section's settings."""
+        """Build the net for the view's inputs and fit it with the section's settings.
+
+        A streamed train table (data.train_stream) gives each epoch's batches through its
+        shuffle buffer, in an order that depends only on (seed, epoch); a streamed val table is
+        read in file order. Flips and dropout draw from the same generator either way.
+        """
         if params.output == "sigmoid" and data.num_classes != 2:
             raise StageError(
                 f"numpy_mlp.output: sigmoid needs exactly 2 classes, the data has "
                 f"{data.num_classes}; use softmax"
             )
-        n_inputs = int(np.prod(data.x_train.shape[1:]))
+        n_inputs = math.prod(data.image_shape)
         n_outputs = 1 if params.output == "sigmoid" else data.num_classes
         model = NumpyMLP(
             [n_inputs, *params.hidden_units, n_outputs],
@@ -530,30 +612,41 @@ class NumpyMlpType(ModelType):
             init=params.init,
             seed=seed,
         )
+        settings = {
+            "epochs": params.epochs,
+            "batch_size": params.batch_size,
+            "learning_rate": params.learning_rate,
+            "optimizer": params.optimizer,
+            "schedule": params.schedule,
+            "decay_steps": params.decay_steps,
+            "decay_rate": params.decay_rate,
+            "dropout": params.dropout,
+            "flip": params.flip,
+            "seed": seed,
+            "on_epoch_end": on_epoch_end,
+        }
         started = time.perf_counter()
-        history = model.fit(
-            data.x_train,
-            data.y_train,
-            x_val=data.x_val,
-            y_val=data.y_val,
-            epochs=params.epochs,
-            batch_size=params.batch_size,
-            learning_rate=params.learning_rate,
-            optimizer=params.optimizer,
-            schedule=params.schedule,
-            decay_steps=params.decay_steps,
-            decay_rate=params.decay_rate,
-            dropout=params.dropout,
-            flip=params.flip,
-            seed=seed,
-            on_epoch_end=on_epoch_end,
-        )
+        if not data.streamed:
+            history = model.fit(
+                data.x_train, data.y_train, x_val=data.x_val, y_val=data.y_val, **settings
+            )
+        else:
+            history = model.fit_batches(
+                _table_batches(data, params.batch_size, seed),
+                lambda: (
+                    data.val_stream.ordered_batches(params.batch_size)
+                    if data.val_stream is not None
+                    else _array_batches(data.x_val, data.y_val, params.batch_size)
+                ),
+                train_size=data.train_size,
+                **settings,
+            )
         seconds = time.perf_counter() - started
         return TrainResult(
             model=model,
             history={key: [float(v) for v in values] for key, values in history.items()},
             seconds=seconds,
-            images_per_second=len(data.x_train) * params.epochs / seconds,
+            images_per_second=data.train_size * params.epochs / seconds,
             parameters=model.count_params(),
         )
 
@@ -568,6 +661,22 @@ class NumpyMlpType(ModelType):
     def predict_proba(self, model: NumpyMLP, pixels: np.ndarray, batch_size: int) -> np.ndarray:
         """Probabilities, batch by batch."""
         return model.predict_proba(pixels, batch_size=batch_size)
+
+
+def _table_batches(
+    data: TrainingData, batch_size: int, seed: int
+) -> Callable[[int, np.random.Generator], Iterable[TrainBatch]]:
+    """train_batches for NumpyMLP.fit_batches: the train stream's seeded epochs (each batch a
+    fresh array of its rows), or the arrays' epochs as fit() draws them."""
+    stream = data.train_stream
+    if stream is None:
+        return _shuffled_array_batches(data.x_train, data.y_train, batch_size)
+
+    def train_batches(epoch: int, rng: np.random.Generator) -> Iterator[TrainBatch]:
+        for pixels, labels in stream.shuffled_batches(batch_size, seed=seed, epoch=epoch):
+            yield pixels, slice(None), labels
+
+    return train_batches
 
 
 MODEL_TYPE = NumpyMlpType()
