@@ -417,7 +417,9 @@ class KerasModelType(ModelType):
         if checkpoint is not None:
             checkpoint.extra = {**checkpoint.extra, "precision": choice.precision}
         seed_everything(seed)
-        with strategy.scope() if strategy else contextlib.nullcontext():
+
+        def fresh_model() -> keras.Model:
+            """The model compiled for this run, its optimizer's slots made before any restore."""
             model = self.compiled_model(
                 params,
                 data.image_shape,
@@ -425,7 +427,11 @@ class KerasModelType(ModelType):
                 train_size=data.train_size,
                 precision=choice.precision,
             )
-            model.optimizer.build(model.trainable_variables)  # its slots exist before any restore
+            model.optimizer.build(model.trainable_variables)
+            return model
+
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = fresh_model()
         history: dict[str, list[float]] = {}
         first_epoch, earlier_seconds = 0, 0.0
         if state is not None:
@@ -481,14 +487,7 @@ class KerasModelType(ModelType):
             # device would have left them: a model made in a strategy's scope keeps using it, and
             # its predict_on_batch runs the whole batch on every device, returning each row twice
             trained = training_state(model)
-            model = self.compiled_model(
-                params,
-                data.image_shape,
-                data.num_classes,
-                train_size=data.train_size,
-                precision=choice.precision,
-            )
-            model.optimizer.build(model.trainable_variables)
+            model = fresh_model()
             restore_training_state(model, trained)
         return TrainResult(
             model=self.inference_model(model, params),
