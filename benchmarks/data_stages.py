@@ -202,11 +202,13 @@ def run_split(project: Path, log: Path) -> Measurement:
     return measure(command, cwd=project, log=log, env=stage_env())
 
 
-def run_tabulate(project: Path, split_dir: Path, log: Path) -> Measurement:
-    """The tabulate stage, as dvc.yaml runs it, in `project`."""
+def run_tabulate(
+    project: Path, split_dir: Path, log: Path, env: dict[str, str] | None = None
+) -> Measurement:
+    """The tabulate stage, as dvc.yaml runs it, in `project` (`env`: more variables)."""
     command = [sys.executable, "-m", "stages.tabulate", "--split", split_dir]
     command += ["--out", "data/tables"]
-    return measure(command, cwd=project, log=log, env=stage_env())
+    return measure(command, cwd=project, log=log, env={**stage_env(), **(env or {})})
 
 
 def run_tutorial(

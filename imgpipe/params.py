@@ -67,6 +67,9 @@ class ViewParams(Section):
 
 
 class TabulateParams(Section):
+    # local: forked worker processes on this machine; ray: Ray Data on the cluster RAY_ADDRESS
+    # names, or a local Ray (the `ray` extra). The tables are the same either way.
+    engine: Literal["local", "ray"]
     workers: int = Field(ge=0)
     rows_per_group: int = Field(ge=1)
 

@@ -1,4 +1,4 @@
-"""Command `imgpipe-predict`: classify image files or folders with a trained model folder."""
+"""Command `imgpipe-predict`: classify image files, folders or pixel tables with a trained model."""
 
 from __future__ import annotations
 
@@ -9,18 +9,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgpipe.images import is_system_file
+from imgpipe.batch_predict import ENGINES, Outcome, iter_image_paths
 
-
-def iter_image_paths(paths: list[Path]) -> Iterator[Path]:
-    """Files named directly, and every non-hidden file under named folders, in sorted order."""
-    for path in paths:
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file() and not is_system_file(child.relative_to(path).as_posix()):
-                    yield child
-        else:
-            yield path
+__all__ = ["iter_image_paths", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,61 +22,90 @@ def main(argv: list[str] | None = None) -> int:
         "(models/<model>, e.g. models/cnn).",
     )
     parser.add_argument("model_dir", type=Path, help="a trained model folder, e.g. models/cnn")
-    parser.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
+    parser.add_argument(
+        "images",
+        type=Path,
+        nargs="+",
+        help="image files, folders of images, or pixel tables of the model's view "
+        "(data/tables/<view>/<split>.parquet)",
+    )
     parser.add_argument("--out", type=Path, help="also write the results to this CSV file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process; ray: Ray workers on the cluster RAY_ADDRESS names, or on a "
+        'local Ray (pip install -e ".[ray]"). The same rows either way.',
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="ray: model copies classifying at once (0: one per node of the cluster)",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:  # 0 would crash range(); a negative size would classify nothing
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 (one per node) or more, got {args.workers}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-    from imgpipe.classifier import Classifier
     from imgpipe.runtime import StageError
 
     try:
-        classifier = Classifier.load(args.model_dir)
+        return _predict(args)
     except (StageError, OSError, ValueError) as error:
         print(f"imgpipe-predict: {error}", file=sys.stderr)
         return 2
-    paths = list(iter_image_paths(args.images))
-    if not paths:
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Classify args.images with the chosen engine; print and write the rows as they come."""
+    from imgpipe.batch_predict import plan_work, predict_local, predict_ray
+    from imgpipe.classifier import Classifier
+
+    classifier = Classifier.load(args.model_dir)
+    work = plan_work(args.images, args.batch_size, classifier.input_shape)
+    if not work:
         print(
             "imgpipe-predict: no files found in " + ", ".join(map(str, args.images)),
             file=sys.stderr,
         )
         return 1
+    if args.engine == "local":
+        return _report(predict_local(classifier, work), args.out)
+    from imgpipe.raycluster import ray_cluster
+
+    with ray_cluster(os.cpu_count() or 1) as where:
+        print(f"imgpipe-predict: classifying on {where}", file=sys.stderr)
+        return _report(predict_ray(args.model_dir, work, args.workers), args.out)
+
+
+def _report(outcomes: Iterator[Outcome], out: Path | None) -> int:
+    """Print each row (problems on stderr), write --out; the exit status."""
     rows: list[tuple[str, str, str]] = []
-    failures = 0
+    failures = total = 0
     printing = True  # False once the reader of stdout has gone away (`| head`)
-    for start in range(0, len(paths), args.batch_size):
-        batch = paths[start : start + args.batch_size]
-        readable: list[Path] = []
-        payloads: list[bytes] = []
-        for path in batch:
-            try:
-                payloads.append(path.read_bytes())
-                readable.append(path)
-            except OSError as error:
-                failures += 1
-                print(f"{path}: cannot read: {error.strerror}", file=sys.stderr)
-        for path, result in zip(readable, classifier.classify_bytes(payloads), strict=True):
-            if isinstance(result, str):
-                failures += 1
-                print(f"{path}: skipped: {result}", file=sys.stderr)
-                continue
-            label, probability = result
-            rows.append((str(path), label, f"{probability:.4f}"))
-            if printing:
-                printing = _print_row(f"{path},{label},{probability:.4f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as handle:
+    for outcome in outcomes:
+        total += 1
+        if outcome.problem:
+            failures += 1
+            print(f"{outcome.path}: {outcome.problem}", file=sys.stderr)
+            continue
+        row = (outcome.path, outcome.label, f"{outcome.probability:.4f}")
+        rows.append(row)
+        if printing:
+            printing = _print_row(",".join(row))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "label", "probability"])
             writer.writerows(rows)
     if failures:
         print(
-            f"imgpipe-predict: {failures} of {len(paths)} files could not be classified",
+            f"imgpipe-predict: {failures} of {total} files could not be classified",
             file=sys.stderr,
         )
     return 1 if failures and not rows else 0

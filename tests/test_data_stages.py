@@ -71,7 +71,8 @@ def _write_params(directory: Path, raw: Path, **split_overrides: Any) -> None:
     params["split"].update(split_overrides)
     params["views"] = VIEWS
     params["models"] = {"dense": "gray16", "cnn": "rgb24", "numpy_mlp": "gray16"}
-    params["tabulate"] = {"workers": 2, "rows_per_group": 5}  # several row groups per table
+    # several row groups per table
+    params["tabulate"] = {"engine": "local", "workers": 2, "rows_per_group": 5}
     (directory / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 

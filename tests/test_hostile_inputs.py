@@ -103,7 +103,7 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         "rgb20": {"height": 20, "width": 40, "color": "rgb"},
     }
     params["models"] = {"dense": "gray8", "cnn": "rgb20", "numpy_mlp": "gray8"}
-    params["tabulate"] = {"workers": 2, "rows_per_group": 4}
+    params["tabulate"] = {"engine": "local", "workers": 2, "rows_per_group": 4}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(project)

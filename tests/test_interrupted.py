@@ -152,7 +152,8 @@ def test_tabulate_killed_midway_leaves_the_old_tables_and_reruns_cleanly(
         "rgb8": {"height": 8, "width": 8, "color": "rgb"},
     }
     params["models"] = {"dense": "gray8", "cnn": "rgb8", "numpy_mlp": "gray8"}
-    params["tabulate"] = {"workers": 1, "rows_per_group": 4}  # many small chunks: a slow stage
+    # many small chunks: a slow stage
+    params["tabulate"] = {"engine": "local", "workers": 1, "rows_per_group": 4}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command = ["stages.tabulate", "--split", "split", "--out", "tables"]
 

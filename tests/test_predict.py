@@ -217,3 +217,86 @@ def test_predict_stops_printing_quietly_when_the_reader_goes_away(
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
     with out_csv.open(newline="") as handle:
         assert len(list(csv.reader(handle))) == 2001  # header + every image
+
+
+def _write_table(path: Path, shape: tuple[int, int, int], rows: int, rows_per_group: int) -> Path:
+    """A pixel table as tabulate writes it: `rows` random images in row groups."""
+    from imgpipe.tables import TableWriter, record_batch, table_schema
+
+    schema = table_schema(shape, CLASS_NAMES, "gray8x6")
+    pixels = np.random.default_rng(0).integers(0, 256, (rows, *shape), dtype=np.uint8)
+    labels = np.arange(rows) % len(CLASS_NAMES)
+    sources = [f"{CLASS_NAMES[label]}/{index:03d}.png" for index, label in enumerate(labels)]
+    with TableWriter(path, schema) as writer:
+        for start in range(0, rows, rows_per_group):
+            stop = start + rows_per_group
+            writer.write(
+                record_batch(schema, pixels[start:stop], labels[start:stop], sources[start:stop])
+            )
+    return path
+
+
+def test_predict_reads_a_pixel_table_row_group_by_row_group(
+    model_dir: Path, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A table's rows are named <table>:<source>, in file order, beside image files."""
+    table = _write_table(tmp_path / "test.parquet", (8, 6, 1), rows=23, rows_per_group=5)
+    from imgpipe.tables import read_table
+
+    whole = read_table(table)
+    proba = Classifier.load(model_dir).predict_proba(whole.pixels)
+
+    code = main([str(model_dir), str(table), str(image_dir / "b.jpg"), "--batch-size", "4"])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    printed = [line.split(",") for line in captured.out.splitlines()]
+    assert printed[:23] == [
+        [f"{table}:{source}", CLASS_NAMES[int(p.argmax())], f"{p.max():.4f}"]
+        for source, p in zip(whole.sources, proba, strict=True)
+    ]
+    assert printed[23:] == expected_rows(model_dir, [image_dir / "b.jpg"])
+
+
+def test_predict_refuses_a_table_of_another_view(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = _write_table(tmp_path / "rgb.parquet", (8, 6, 3), rows=4, rows_per_group=4)
+
+    code = main([str(model_dir), str(table)])
+
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "holds 8x6x3 pixels (view gray8x6) but the model reads 8x6x1" in captured.err
+    assert "meta.json" in captured.err
+
+
+def test_predict_refuses_a_parquet_file_that_is_not_a_pixel_table(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), other)
+
+    assert main([str(model_dir), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a pixel table written by the tabulate stage" in err
+    assert "Traceback" not in err
+
+
+def test_predict_engine_ray_without_ray_says_how_to_install_it(
+    model_dir: Path, image_dir: Path
+) -> None:
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # what `import ray` meets without the extra
+        "from imgpipe.predict import main\n"
+        f"sys.exit(main([{str(model_dir)!r}, {str(image_dir)!r}, '--engine', 'ray']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert 'pip install -e ".[ray]"' in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
