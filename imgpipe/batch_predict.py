@@ -160,18 +160,17 @@ def classify_work(classifier: Classifier, work: Work) -> list[Outcome]:
 
 def _classify_rows(classifier: Classifier, work: Work) -> list[Outcome]:
     """One row group of a pixel table; each row is named `<table>:<source>`."""
+    from imgpipe.classifier import best_labels
     from imgpipe.tables import pixels_from_column
 
     with pq.ParquetFile(os.path.join(work.base, work.table)) as parquet:
         group = parquet.read_row_group(work.row_group, columns=["pixels", "source"])
     pixels = pixels_from_column(group.column("pixels"), classifier.input_shape)
     sources = group.column("source").to_pylist()
-    proba = classifier.predict_proba(pixels)
-    best = proba.argmax(axis=1)
-    names = classifier.meta.class_names
+    answers = best_labels(classifier.predict_proba(pixels), classifier.meta.class_names)
     return [
-        Outcome(f"{work.table}:{source}", names[b], float(proba[row, b]))
-        for row, (source, b) in enumerate(zip(sources, best, strict=True))
+        Outcome(f"{work.table}:{source}", label, probability)
+        for source, (label, probability) in zip(sources, answers, strict=True)
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,12 @@ import numpy as np
 
 from imgpipe.images import channel_count, decode_checked
 from imgpipe.model_folder import ModelFolder, ModelMeta
+
+
+def best_labels(proba: np.ndarray, class_names: Sequence[str]) -> list[tuple[str, float]]:
+    """(label, probability) of the most probable class of each row of (N, K) probabilities."""
+    best = proba.argmax(axis=1)
+    return [(class_names[b], float(proba[row, b])) for row, b in enumerate(best)]
 
 
 class Classifier:
@@ -62,7 +69,6 @@ class Classifier:
         ]
         if good:
             proba = self.predict_proba(np.stack([decoded[index] for index in good]))
-            best = proba.argmax(axis=1)
-            for slot, index in enumerate(good):
-                results[index] = (self.meta.class_names[best[slot]], float(proba[slot, best[slot]]))
+            for index, answer in zip(good, best_labels(proba, self.meta.class_names), strict=True):
+                results[index] = answer
         return results

@@ -20,8 +20,6 @@ from imgpipe.runtime import StageError
 if TYPE_CHECKING:
     import ray
 
-log = logging.getLogger("imgpipe.raycluster")
-
 INSTALL_HINT = 'pip install -e ".[ray]"'
 # seconds to wait for RAY_ADDRESS's port to accept a connection
 CONNECT_SECONDS = 5.0

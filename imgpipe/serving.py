@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from imgpipe.classifier import best_labels
+
 IMAGE_COLUMN = "image"
 # Rows decoded at once: a request of 10,000 rows holds 256 decoded images at a time, not all.
 ROWS_PER_CHUNK = 256
@@ -135,9 +137,8 @@ def answer_rows(
         chunk: list[tuple[str, float] | str] = [p if isinstance(p, str) else "" for p in decoded]
         if good:
             proba = predict(np.stack([decoded[index] for index in good]))  # (n, K)
-            best = proba.argmax(axis=1)
-            for slot, index in enumerate(good):
-                chunk[index] = (class_names[best[slot]], float(proba[slot, best[slot]]))
+            for index, answer in zip(good, best_labels(proba, class_names), strict=True):
+                chunk[index] = answer
         answers.extend(chunk)
     return _rows(answers)
 
