@@ -5,13 +5,14 @@ time budget is stated in units of E_ref: the wall time of one training epoch of 
 CNN (REFERENCE below: four VGG blocks 32-64-128-256 with one convolution each, batch norm,
 global average pooling, 64x64 RGB, flip, rotation, zoom and shift augmentation, float32, batch
 64) on the 16,000 training images of ../shared/data/dogs-vs-cats/train.zip. For the reference
-and for the CNN that params.yaml trains (its precision resolved as `train@cnn` resolves it) it
-prints images/s, forward FLOPs per image counted from the model, the training GFLOP/s that
-makes (3x forward: forward, input gradients, weight gradients) and its share of the machine's
-peak, measured in the same run with a large Conv2D and a large matmul in TensorFlow. Then where
-a training step's time goes, by ablation: forward, backward, optimizer update, augmentation,
-and the epoch's input gather. Every target ends with `met` or `MISSED`; the exit status is 1
-when one is missed.
+and for the CNN that params.yaml trains, in float32 (the precision both targets are judged in)
+and, where `auto` resolves to bfloat16 as `train@cnn` resolves it, in bfloat16 too, it prints
+images/s, forward FLOPs per image counted from the model, the training GFLOP/s that makes (3x
+forward: forward, input gradients, weight gradients) and its share of the machine's peak in
+that precision, measured in the same run with a large Conv2D and a large matmul in TensorFlow.
+Then where a training step's time goes, by ablation: forward, backward, optimizer update,
+augmentation, and the epoch's input gather. Every target ends with `met` or `MISSED`; the exit
+status is 1 when one is missed.
 
   python benchmarks/train_speed.py                  # 16,000 training images, 2 epochs of each net
   python benchmarks/train_speed.py --images 2000    # a quick look
@@ -58,6 +59,7 @@ REFERENCE = {
     "epochs": 11,
     "precision": "float32",
 }
+AUTO = "params.yaml's cnn, as auto trains it"
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 CHECKED: list[tuple[str, bool, str]] = []
 
@@ -260,30 +262,29 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     peaks = {p: peak_gflops(p) for p in {"float32", choice.precision}}
-    configs = {
-        "reference (E_ref)": (reference, "float32"),
-        "params.yaml's cnn": (current, choice.precision),
-    }
-    same = (
-        reference.model_dump(exclude={"precision"}) == current.model_dump(exclude={"precision"})
-        and choice.precision == "float32"
-    )
+    # The time budget and the utilisation target are judged in float32, the reference's precision
+    # and what a CPU without bfloat16 runs; where `auto` picks bfloat16, that is timed too.
+    default = "params.yaml's cnn"
+    configs = {"reference (E_ref)": (reference, "float32"), default: (current, "float32")}
+    if choice.precision != "float32":
+        configs[AUTO] = (current, choice.precision)
+    same = reference.model_dump(exclude={"precision"}) == current.model_dump(exclude={"precision"})
     if same:
-        print("params.yaml's cnn is the reference here: timed once, reported for both")
+        print("params.yaml's cnn is the reference here: timed once in float32, reported for both")
     # This VM runs any epoch at one of two speeds, at random (up to 40% apart): epochs of the
-    # two nets are timed in turn, and each net's best counts, as timeit does.
+    # nets are timed in turn, and each net's best counts, as timeit does.
     epochs: dict[str, list[float]] = {name: [] for name in configs}
     models = {}
     for repeat in range(args.repeats):
         for name, (section, precision) in configs.items():
-            if same and name != "reference (E_ref)":
+            if same and name == default:
                 continue
             seconds, models[name] = epoch_seconds(section, data, precision)
             epochs[name].append(seconds)
             print(f"  {name}, epoch {repeat + 1}/{args.repeats}: {seconds:.1f} s", flush=True)
     if same:
-        epochs["params.yaml's cnn"] = epochs["reference (E_ref)"]
-        models["params.yaml's cnn"] = models["reference (E_ref)"]
+        epochs[default] = epochs["reference (E_ref)"]
+        models[default] = models["reference (E_ref)"]
     rows = []
     results = {}
     for name, (section, precision) in configs.items():
@@ -350,21 +351,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {part:<53} {ms:8.1f}  {100 * ms / whole:5.1f}%")
 
     e_ref = results["reference (E_ref)"]["seconds"]
-    default = results["params.yaml's cnn"]
-    budget = default["section"].epochs * default["seconds"] / e_ref
+    reference_use = results["reference (E_ref)"]["utilisation"]
+    float32 = results[default]
+    budget = float32["section"].epochs * float32["seconds"] / e_ref
     print(f"\nE_ref = {e_ref:.1f} s on this machine\ntargets:")
     check(
-        "train@cnn within 20 x E_ref (epochs x epoch time, validation not counted)",
+        "train@cnn within 20 x E_ref, float32 forced (epochs x epoch time, validation not counted)",
         budget <= 20,
         f"{budget:.1f} x E_ref",
     )
-    ratio = default["utilisation"] / results["reference (E_ref)"]["utilisation"]
+    ratio = float32["utilisation"] / reference_use
     check(
-        "params.yaml's cnn's training utilisation at least 1.5x the reference's",
+        "params.yaml's cnn's training utilisation at least 1.5x the reference's (both float32)",
         ratio >= 1.5,
-        f"{ratio:.2f}x ({100 * default['utilisation']:.1f}% against "
-        f"{100 * results['reference (E_ref)']['utilisation']:.1f}%)",
+        f"{ratio:.2f}x ({100 * float32['utilisation']:.1f}% against {100 * reference_use:.1f}%)",
     )
+    if AUTO in results:
+        auto = results[AUTO]
+        print(
+            f"  [info] in {choice.precision}, as `auto` trains here: "
+            f"{auto['section'].epochs * auto['seconds'] / e_ref:.1f} x E_ref; utilisation "
+            f"{100 * auto['utilisation']:.1f}% of the {choice.precision} peak, "
+            f"{auto['utilisation'] / reference_use:.2f}x the reference's share of the float32 peak"
+        )
     missed = [label for label, ok, _ in CHECKED if not ok]
     print(f"{len(CHECKED) - len(missed)} of {len(CHECKED)} targets met")
     return 1 if missed else 0

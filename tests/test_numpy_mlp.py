@@ -260,9 +260,16 @@ def test_predict_proba_on_empty_input() -> None:
 
 
 def _reference_steps(
-    model: NumpyMLP, x: np.ndarray, y: np.ndarray, optimizer: str, lr0: float, steps: int
+    model: NumpyMLP,
+    x: np.ndarray,
+    y: np.ndarray,
+    optimizer: str,
+    lr0: float,
+    steps: int,
+    weight_decay: float,
 ) -> list[np.ndarray]:
-    """Full-batch updates written out from the textbook / Keras formulas."""
+    """Full-batch updates written out from the textbook / Keras formulas (weight decay:
+    Keras' w - w * weight_decay * lr before the optimizer's own update)."""
     decay_steps, decay_rate = 3, 0.5
     params = _flat(model.params)
     m = [np.zeros_like(p) for p in params]
@@ -271,6 +278,7 @@ def _reference_steps(
         lr = lr0 * decay_rate ** (step / decay_steps)
         grads = _flat(model.gradients(x, y))
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            p -= p * weight_decay * lr
             if optimizer == "sgd":
                 p -= lr * g
             elif optimizer == "momentum":
@@ -285,8 +293,11 @@ def _reference_steps(
     return params
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-def test_full_batch_updates_follow_the_formulas(optimizer: str) -> None:
+@pytest.mark.parametrize(
+    ("optimizer", "weight_decay"),
+    [("sgd", 0.0), ("momentum", 0.0), ("adam", 0.0), ("adamw", 0.5), ("sgd", 0.5)],
+)
+def test_full_batch_updates_follow_the_formulas(optimizer: str, weight_decay: float) -> None:
     rng = np.random.default_rng(0)
     pixels = _random_pixels(rng, (24, 10))
     y = rng.integers(0, 3, 24)
@@ -304,11 +315,16 @@ def test_full_batch_updates_follow_the_formulas(optimizer: str) -> None:
             optimizer=optimizer,
             decay_steps=3,
             decay_rate=0.5,
+            weight_decay=weight_decay,
         ),
     )
     reference = _float64_copy(NumpyMLP([10, 6, 3], output="softmax", init="he", seed=0))
     x = pixels.astype(np.float64) / 127.5 - 1
-    expected = _reference_steps(reference, x, y, optimizer, lr, epochs)
+    expected = _reference_steps(reference, x, y, optimizer, lr, epochs, weight_decay)
+    if weight_decay:  # the decay is big enough to tell apart from no decay
+        fresh = _float64_copy(NumpyMLP([10, 6, 3], output="softmax", init="he", seed=0))
+        without = _reference_steps(fresh, x, y, optimizer, lr, epochs, 0.0)
+        assert not np.allclose(without[0], expected[0], rtol=1e-4, atol=1e-5)
     initial = _flat(NumpyMLP([10, 6, 3], output="softmax", init="he", seed=0).params)
     for got, want, start in zip(_flat(trained.params), expected, initial, strict=True):
         assert not np.allclose(want, start)  # the reference actually moved

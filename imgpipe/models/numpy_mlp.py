@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 OUTPUTS = ("sigmoid", "softmax")
 INITS = ("he", "xavier")
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # adamw: adam with weight decay
 FLIPS = ("none", "horizontal")
 
 MOMENTUM = 0.9
@@ -134,14 +134,21 @@ def _check_pixels(name: str, pixels: np.ndarray, n_inputs: int) -> None:
 
 
 class _Optimizer:
-    """In-place parameter updates for plain SGD, momentum SGD and Adam (Keras formulas)."""
+    """In-place parameter updates for plain SGD, momentum SGD and Adam (Keras formulas).
 
-    def __init__(self, kind: str, params: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        self.kind = kind
+    weight_decay > 0 first shrinks every weight and bias by weight_decay x lr, as Keras does for
+    any optimizer given a weight_decay (decoupled weight decay; AdamW is Adam with it).
+    """
+
+    def __init__(
+        self, kind: str, params: list[tuple[np.ndarray, np.ndarray]], weight_decay: float
+    ) -> None:
+        self.kind = "adam" if kind == "adamw" else kind
+        self.weight_decay = weight_decay
         self.iterations = 0
         arrays = [p for pair in params for p in pair]
         self.slots_m = [np.zeros_like(p) for p in arrays] if kind != "sgd" else []
-        self.slots_v = [np.zeros_like(p) for p in arrays] if kind == "adam" else []
+        self.slots_v = [np.zeros_like(p) for p in arrays] if self.kind == "adam" else []
 
     def step(
         self,
@@ -152,6 +159,9 @@ class _Optimizer:
         self.iterations += 1
         arrays = [p for pair in params for p in pair]
         grad_arrays = [g for pair in grads for g in pair]
+        if self.weight_decay:
+            for p in arrays:
+                p -= p * np.float32(self.weight_decay * lr)  # Keras: w - w * wd * lr
         if self.kind == "sgd":
             for p, g in zip(arrays, grad_arrays, strict=True):
                 g *= lr  # gradients are scratch arrays: reuse them
@@ -391,11 +401,13 @@ class NumpyMLP:
         flip: str,
         seed: int,
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+        weight_decay: float = 0.0,
     ) -> dict[str, list[float]]:
         """Mini-batch training on uint8 pixels; returns per-epoch loss/accuracy history.
 
         flip="horizontal" mirrors a random half of every batch (pixels must be (N, H, W, C));
-        dropout applies to every hidden layer's output, during training only.
+        dropout applies to every hidden layer's output, during training only; weight_decay
+        (decoupled, x the learning rate) shrinks every parameter before each update.
         """
         n_inputs = self.layer_sizes[0]
         _check_pixels("x_train", x_train, n_inputs)
@@ -421,6 +433,7 @@ class NumpyMLP:
             flip=flip,
             seed=seed,
             on_epoch_end=on_epoch_end,
+            weight_decay=weight_decay,
         )
 
     def fit_batches(
@@ -440,6 +453,7 @@ class NumpyMLP:
         flip: str,
         seed: int,
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+        weight_decay: float = 0.0,
     ) -> dict[str, list[float]]:
         """Mini-batch training on batches from elsewhere (arrays, or a table streamed by row group).
 
@@ -461,10 +475,12 @@ class NumpyMLP:
             raise ValueError(f"learning_rate must be > 0; got {learning_rate!r}")
         if not decay_rate > 0:
             raise ValueError(f"decay_rate must be > 0 (1.0 = constant); got {decay_rate!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0 (0 = none); got {weight_decay!r}")
 
         _check_positive_int("train_size", train_size)
         rng = np.random.default_rng(seed)
-        opt = _Optimizer(optimizer, self.params)
+        opt = _Optimizer(optimizer, self.params, weight_decay)
         total_steps = epochs * math.ceil(train_size / batch_size)
         history: dict[str, list[float]] = {
             "loss": [],
@@ -569,6 +585,7 @@ class NumpyMlpParams(ScheduledTraining):
     output: Literal[OUTPUTS]  # type: ignore[valid-type]
     init: Literal[INITS]  # type: ignore[valid-type]
     optimizer: Literal[OPTIMIZERS]  # type: ignore[valid-type]
+    weight_decay: float = Field(ge=0)  # decoupled, x learning_rate per step; 0 = none
 
     @model_validator(mode="after")
     def _positive_units(self) -> NumpyMlpParams:
@@ -617,6 +634,7 @@ class NumpyMlpType(ModelType):
             "batch_size": params.batch_size,
             "learning_rate": params.learning_rate,
             "optimizer": params.optimizer,
+            "weight_decay": params.weight_decay,
             "schedule": params.schedule,
             "decay_steps": params.decay_steps,
             "decay_rate": params.decay_rate,
