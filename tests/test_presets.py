@@ -64,3 +64,15 @@ def test_the_reference_preset_is_what_the_benchmark_times() -> None:
     (reference,) = [v for c, v in readme_presets().items() if re.search(r"reference CNN", c)]
     cnn = parse_params(apply(reference)).cnn.model_dump()
     assert {key: cnn[key] for key in train_speed.REFERENCE} == train_speed.REFERENCE
+
+
+def test_the_dense_tutorial_preset_is_the_tutorials_optimizer() -> None:
+    """Adamax at 0.001 with exponential decay and no weight decay, whatever the defaults are."""
+    (values,) = [v for c, v in readme_presets().items() if c.startswith("the dense tutorial")]
+    params = parse_params(apply(values))
+    dense, twin = params.dense, params.numpy_mlp
+    assert (dense.optimizer, dense.learning_rate, dense.weight_decay) == ("adamax", 0.001, 0.0)
+    assert (twin.optimizer, twin.learning_rate, twin.weight_decay) == ("adam", 0.001, 0.0)
+    assert dense.schedule == twin.schedule == "exponential"
+    assert dense.flip == twin.flip == "none"
+    assert params.models["dense"] == params.models["numpy_mlp"] == "gray96"
