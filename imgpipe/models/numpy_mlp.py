@@ -147,7 +147,7 @@ class _Optimizer:
         self.weight_decay = weight_decay
         self.iterations = 0
         arrays = [p for pair in params for p in pair]
-        self.slots_m = [np.zeros_like(p) for p in arrays] if kind != "sgd" else []
+        self.slots_m = [np.zeros_like(p) for p in arrays] if self.kind != "sgd" else []
         self.slots_v = [np.zeros_like(p) for p in arrays] if self.kind == "adam" else []
 
     def step(
