@@ -47,7 +47,7 @@ REFERENCE = {
     "pooling": "global_average",
     "head_units": 128,
     "dropout": 0.3,
-    "augment": {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1, "shift": 0.1},
+    "augment": {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1, "shift": 0.1, "crop": 0.0},
     "flip_tta": False,
     "optimizer": "adam",
     "learning_rate": 0.001,

@@ -1,8 +1,8 @@
 """`cnn`: a convolutional net with augmentation, the CNN tutorial's model done better.
 
-Blocks of 3x3 convolutions (VGG-style, or residual with a 1x1 shortcut), each ending in a
-max-pool, after an optional stride-2 stem; global average pooling and a small head. With
-`flip_tta` the saved model averages its predictions for each image and its mirror image.
+Blocks of 3x3 convolutions (VGG-style, or residual with a 1x1 or an identity shortcut), each
+ending in a max-pool, after an optional stride-2 stem; global average pooling and a small head.
+With `flip_tta` the saved model averages its predictions for each image and its mirror image.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ class AugmentParams(Section):
     rotation: float = Field(ge=0, le=1)  # fraction of a full turn
     zoom: float = Field(ge=0, lt=1)
     shift: float = Field(ge=0, lt=1)  # fraction of height and width
+    # pad-and-random-crop on the uint8 batch: whole-pixel shifts of up to this fraction of height
+    # and width, edges reflected; the cheap kind of shift (`shift` is sub-pixel, a projective
+    # transform of float images)
+    crop: float = Field(ge=0, lt=0.5)
 
 
 class CnnParams(KerasParams):
@@ -39,8 +43,12 @@ class CnnParams(KerasParams):
     stem: Literal["none", "conv3x3", "conv3x3_stride2", "conv3x3_stride2_pool"]
     filters: list[int] = Field(min_length=1)
     convs_per_block: int = Field(ge=1)
-    # each block adds its input, through a 1x1 convolution, to its last convolution's output
+    # each block adds a shortcut to its last convolution's output (before the last ReLU)
     residual: bool
+    # the residual shortcut: conv1x1, the block's input through a 1x1 convolution (and batch
+    # norm); identity, the block's first convolution's output (it has the block's width already),
+    # so no extra convolution: with convs_per_block 2, a residual around the second convolution
+    shortcut: Literal["conv1x1", "identity"]
     batch_norm: bool
     # weight of the old moving mean/variance at each training step
     batch_norm_momentum: float = Field(gt=0, lt=1)
@@ -55,6 +63,16 @@ class CnnParams(KerasParams):
     @model_validator(mode="after")
     def _positive_filters(self) -> CnnParams:
         check_positive(self.filters, "filters")
+        return self
+
+    @model_validator(mode="after")
+    def _identity_needs_two_convolutions(self) -> CnnParams:
+        if self.residual and self.shortcut == "identity" and self.convs_per_block < 2:
+            raise ValueError(
+                "shortcut identity adds the block's first convolution's output to its last, so "
+                "it needs convs_per_block 2 or more: raise convs_per_block or set shortcut "
+                "conv1x1"
+            )
         return self
 
 
@@ -114,7 +132,10 @@ class CnnType(KerasModelType):
             return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
         inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")  # (N, H, W, C)
-        x = layers.Rescaling(1.0 / 255, name="scale")(inputs)
+        x = inputs
+        if params.augment.crop > 0:  # on the uint8 batch: a quarter of float32's bytes to move
+            x = custom_layers()["RandomCropShift"](params.augment.crop, name="crop")(x)
+        x = layers.Rescaling(1.0 / 255, name="scale")(x)
         for step in _augmentation(params.augment):
             x = step(x)
         if params.stem != "none":
@@ -127,8 +148,11 @@ class CnnType(KerasModelType):
                 # a residual block's last ReLU comes after the addition
                 relu = not (params.residual and index == params.convs_per_block)
                 x = conv(x, filters, f"block{block}_conv{index}", relu=relu)
+                if index == 1 and params.shortcut == "identity":
+                    shortcut = x
             if params.residual:
-                shortcut = conv(shortcut, filters, f"block{block}_shortcut", size=1, relu=False)
+                if params.shortcut == "conv1x1":
+                    shortcut = conv(shortcut, filters, f"block{block}_shortcut", size=1, relu=False)
                 x = layers.Add(name=f"block{block}_add")([x, shortcut])
                 x = layers.Activation("relu", name=f"block{block}_relu")(x)
             x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)  # halves H and W
@@ -156,31 +180,72 @@ class CnnType(KerasModelType):
         from keras import layers
 
         inputs = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="pixels")
-        mirrored = mirror_layer_class()(name="mirror")(inputs)
+        mirrored = custom_layers()["MirrorLeftRight"](name="mirror")(inputs)
         outputs = layers.Average(name="flip_average", dtype="float32")(
             [model(inputs), model(mirrored)]
         )
         return keras.Model(inputs, outputs, name="cnn_flip_tta")
 
     def load(self, path: Path) -> keras.Model:
-        """Load a .keras file, flip-averaging ones included."""
-        mirror_layer_class()  # registered before Keras looks the name up
+        """Load a .keras file, flip-averaging and cropping ones included."""
+        custom_layers()  # registered before Keras looks the names up
         return super().load(path)
 
 
 @functools.cache
-def mirror_layer_class() -> type[keras.layers.Layer]:
-    """MirrorLeftRight: a Keras layer that flips images (N, H, W, C) left to right, always, not
-    only in training. Registered as imgpipe>MirrorLeftRight, so safe-mode loading accepts it;
-    made on first use, so importing this module does not import Keras."""
+def custom_layers() -> dict[str, type[keras.layers.Layer]]:
+    """The CNN's own Keras layers, by class name, each registered as imgpipe>Name, so that
+    safe-mode loading accepts them; made on first use, so importing this module does not import
+    Keras.
+
+    MirrorLeftRight flips images (N, H, W, C) left to right, always, not only in training.
+    RandomCropShift, in training only, shifts each image by a random whole number of pixels, up
+    to `fraction` of its height and width each way, filling the edges by reflection, as padding
+    and a random crop of the original size would; one gather of the (uint8) batch, with no
+    interpolation. Its random numbers come from a SeedGenerator (a model variable, so seeded by
+    keras.utils.set_random_seed and saved with the training state).
+    """
     import keras
+    from keras import ops
 
     @keras.saving.register_keras_serializable(package="imgpipe")
     class MirrorLeftRight(keras.layers.Layer):
         def call(self, images: Any) -> Any:
             return keras.ops.flip(images, axis=2)
 
-    return MirrorLeftRight
+    @keras.saving.register_keras_serializable(package="imgpipe")
+    class RandomCropShift(keras.layers.Layer):
+        def __init__(self, fraction: float, seed: int | None = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.fraction = fraction
+            self.seed = seed
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def call(self, images: Any, training: bool | None = None) -> Any:
+            if not training:
+                return images
+            n = ops.shape(images)[0]
+            height, width, channels = images.shape[1:]
+            offsets = []
+            for size in (height, width):
+                most = round(self.fraction * size)
+                shift = keras.random.randint((n, 1), -most, most + 1, seed=self.seed_generator)
+                index = ops.abs(shift + ops.arange(size)[None, :])  # (N, size), reflected at 0
+                offsets.append((size - 1) - ops.abs((size - 1) - index))  # and at size - 1
+            rows, cols = offsets
+            # each output pixel's position in the batch flattened to (N * H * W, C)
+            source = (ops.arange(n)[:, None, None] * height + rows[:, :, None]) * width
+            source = source + cols[:, None, :]  # (N, H, W)
+            pixels = ops.take(ops.reshape(images, (-1, channels)), ops.reshape(source, (-1,)), 0)
+            return ops.reshape(pixels, (n, height, width, channels))
+
+        def compute_output_shape(self, input_shape: tuple) -> tuple:
+            return input_shape
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "fraction": self.fraction, "seed": self.seed}
+
+    return {"MirrorLeftRight": MirrorLeftRight, "RandomCropShift": RandomCropShift}
 
 
 MODEL_TYPE = CnnType()
