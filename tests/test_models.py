@@ -17,7 +17,7 @@ from imgpipe.keras_models import (
     build_optimizer,
     cpu_flags,
 )
-from imgpipe.models.cnn import CnnParams
+from imgpipe.models.cnn import CnnParams, custom_layers
 from imgpipe.models.dense import DenseParams
 from imgpipe.models.numpy_mlp import NumpyMLP, NumpyMlpParams
 from imgpipe.params import Params, load_params
@@ -32,13 +32,22 @@ assert isinstance(DENSE, KerasModelType) and isinstance(CNN, KerasModelType)
 NUM_CLASSES = 5
 GRAY_SHAPE = (12, 12, 1)
 RGB_SHAPE = (16, 16, 3)
+CROP = custom_layers()["RandomCropShift"]
 AUGMENT_LAYERS = (
     layers.RandomFlip,
     layers.RandomRotation,
     layers.RandomZoom,
     layers.RandomTranslation,
+    CROP,
 )
-NO_AUGMENT = {"flip": "none", "rotation": 0.0, "zoom": 0.0, "shift": 0.0}
+NO_AUGMENT = {"flip": "none", "rotation": 0.0, "zoom": 0.0, "shift": 0.0, "crop": 0.0}
+EVERY_AUGMENT = {
+    "flip": "horizontal_and_vertical",
+    "rotation": 0.2,
+    "zoom": 0.2,
+    "shift": 0.2,
+    "crop": 0.2,
+}
 # measured after 3 epochs on digits: val accuracy 0.94-0.97 (dense) and 0.94 (numpy_mlp) over
 # 3 seeds, against 0.1 for guessing; the threshold keeps a wide margin
 MIN_VAL_ACCURACY = 0.8
@@ -176,6 +185,7 @@ def test_cnn_without_augment_settings_has_no_augmentation_layers(small_cnn: CnnP
         ({"rotation": 0.1}, layers.RandomRotation),
         ({"zoom": 0.1}, layers.RandomZoom),
         ({"shift": 0.1}, layers.RandomTranslation),
+        ({"crop": 0.1}, CROP),
     ],
 )
 def test_each_augment_setting_adds_only_its_layer(
@@ -191,11 +201,10 @@ def test_each_augment_setting_adds_only_its_layer(
 def test_augmentation_is_random_in_training_and_off_at_inference(small_cnn: CnnParams) -> None:
     # no dropout and no batch norm: augmentation is the only thing that differs between calls
     plain = {"dropout": 0.0, "batch_norm": False}
-    all_augment = {"flip": "horizontal_and_vertical", "rotation": 0.2, "zoom": 0.2, "shift": 0.2}
     augmented = CNN.build(
-        RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, augment=all_augment, **plain)
+        RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, augment=EVERY_AUGMENT, **plain)
     )
-    assert len(layers_of(augmented, AUGMENT_LAYERS)) == 4
+    assert len(layers_of(augmented, AUGMENT_LAYERS)) == 5
     pixels = random_pixels((8, *RGB_SHAPE), seed=1)
 
     first = augmented.predict(pixels, verbose=0)
@@ -212,8 +221,7 @@ def test_augmentation_is_random_in_training_and_off_at_inference(small_cnn: CnnP
 def test_cnn_with_every_option_survives_save_and_safe_load(
     small_cnn: CnnParams, tmp_path: Path
 ) -> None:
-    every_augment = {"flip": "horizontal_and_vertical", "rotation": 0.2, "zoom": 0.2, "shift": 0.2}
-    section = cnn_params(small_cnn, augment=every_augment, batch_norm=True, pooling="flatten")
+    section = cnn_params(small_cnn, augment=EVERY_AUGMENT, batch_norm=True, pooling="flatten")
     model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
@@ -229,7 +237,9 @@ def test_cnn_with_every_option_survives_save_and_safe_load(
 def test_cnn_stem_and_residual_blocks(
     small_cnn: CnnParams, stem: str, size_after_stem: int
 ) -> None:
-    section = cnn_params(small_cnn, stem=stem, residual=True, convs_per_block=2, filters=[4, 8])
+    section = cnn_params(
+        small_cnn, stem=stem, residual=True, shortcut="conv1x1", convs_per_block=2, filters=[4, 8]
+    )
     model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
 
     assert model.get_layer("stem").output.shape[1:] == (size_after_stem, size_after_stem, 4)
@@ -247,6 +257,66 @@ def test_cnn_stem_and_residual_blocks(
     assert len(layers_of(model, layers.Conv2D)) == 1 + 2 * (2 + 1)
     last = size_after_stem // 4  # two max-pools
     assert model.get_layer("block2_pool").output.shape[1:] == (last, last, 8)
+
+
+@pytest.mark.parametrize("convs_per_block", [2, 3])
+def test_cnn_identity_shortcut_adds_the_first_convolutions_output(
+    small_cnn: CnnParams, convs_per_block: int
+) -> None:
+    section = cnn_params(
+        small_cnn, residual=True, shortcut="identity", convs_per_block=convs_per_block
+    )
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
+
+    last = f"conv{convs_per_block}"
+    suffix = "_bn" if section.batch_norm else ""
+    for block in (1, 2):
+        add = model.get_layer(f"block{block}_add")
+        assert {t._keras_history.operation.name for t in add.input} == {
+            f"block{block}_conv1_relu",
+            f"block{block}_{last}{suffix}",
+        }
+    # no 1x1 convolution: the stem and convs_per_block 3x3 convolutions per block only
+    convolutions = layers_of(model, layers.Conv2D)
+    assert {c.kernel_size for c in convolutions} == {(3, 3)}
+    assert len(convolutions) == 1 + 2 * convs_per_block
+
+
+def test_cnn_identity_shortcut_needs_two_convolutions_per_block(small_cnn: CnnParams) -> None:
+    values = {**small_cnn.model_dump(), "shortcut": "identity", "convs_per_block": 1}
+    with pytest.raises(ValueError, match="convs_per_block 2 or more"):
+        CnnParams.model_validate(values)
+    # without residual blocks there is no shortcut to check
+    CnnParams.model_validate({**values, "residual": False})
+
+
+def test_crop_shifts_each_image_by_whole_pixels_with_reflected_edges() -> None:
+    keras.utils.set_random_seed(3)
+    height, width, most = 10, 8, 2  # fraction 0.25: round(2.5) = 2 rows, 2 columns each way
+    crop = CROP(0.25)
+    # each pixel holds its own (row, column), so the output says where it came from
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    image = np.stack([rows, cols, rows * 0], axis=-1).astype(np.uint8)  # (H, W, 3)
+    batch = np.repeat(image[None], 32, axis=0)
+
+    np.testing.assert_array_equal(np.asarray(crop(batch, training=False)), batch)
+    out = np.asarray(crop(batch, training=True))
+    assert out.dtype == np.uint8 and out.shape == batch.shape
+
+    # what it stands for: the image padded by reflection, then a window of the original size
+    padded = np.pad(image, ((most, most), (most, most), (0, 0)), mode="reflect")
+    shifts = set()
+    for shifted in out:
+        # the shift is where the middle pixel (away from any reflected edge) came from
+        dy = int(shifted[5, 4, 0]) - 5
+        dx = int(shifted[5, 4, 1]) - 4
+        assert abs(dy) <= most and abs(dx) <= most
+        window = padded[most + dy : most + dy + height, most + dx : most + dx + width]
+        np.testing.assert_array_equal(shifted, window)
+        shifts.add((dy, dx))
+    assert len(shifts) > 5  # each image draws its own shift (25 are possible)
+    # every shift within the limit is drawn, none beyond it
+    assert {dy for dy, _ in shifts} == set(range(-most, most + 1))
 
 
 def test_cnn_without_stem_or_residual_is_the_plain_vgg_stack(small_cnn: CnnParams) -> None:
