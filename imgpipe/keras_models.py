@@ -257,6 +257,27 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)  # (N,)
 
 
+def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Rows in memory as `fit` takes them: batches of batch_size in the given order (the last one
+    may be smaller), assembled one ahead on a single thread of their own.
+
+    The same batches `fit(x, y, batch_size=..., shuffle=False)` makes, but Keras' own pipeline
+    for arrays maps batches on autotuned parallel threads and prefetches with an autotuned
+    buffer: on two cores those threads take turns with the training step's, and steps of the
+    32-96-192-384 CNN took 207 to 412 ms through it against 187 to 207 ms through this one (100
+    batches, interleaved rounds, avx512_bf16 machine).
+    """
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).prefetch(1)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = False
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
 def training_state(model: keras.Model) -> dict[str, np.ndarray]:
     """Every variable training changes: weights, batch-norm statistics, the random-seed states of
     dropout and augmentation layers (model.variables) and the optimizer's slots and step count."""
@@ -518,18 +539,16 @@ class KerasModelType(ModelType):
         """`fit`'s data arguments for one epoch, training and validation; targets are
         targets() of data.y_train and data.y_val.
 
-        A table in memory: its rows in epoch_order (a uint8 copy, never floats). A streamed
+        A table in memory: its rows in epoch_order (a uint8 copy, never floats), batched by
+        in_memory_batches, as is the val table in memory, in its own order. A streamed
         table: its batches through the shuffle buffer, whose order also depends only on (seed,
         epoch). A streamed val table: its batches in file order.
         """
         y_train, y_val = targets
         if data.train_stream is None:
-            order = epoch_order(len(data.x_train), seed, epoch)
+            order = epoch_order(len(data.x_train), seed, epoch)  # reproducibly per epoch
             arguments = {
-                "x": data.x_train[order],
-                "y": y_train[order],
-                "batch_size": params.batch_size,
-                "shuffle": False,  # epoch_order shuffled it, reproducibly per epoch
+                "x": in_memory_batches(data.x_train[order], y_train[order], params.batch_size)
             }
         else:
             batches = data.train_stream.shuffled_batches(params.batch_size, seed=seed, epoch=epoch)
@@ -543,7 +562,9 @@ class KerasModelType(ModelType):
             arguments["validation_data"] = self._fed(params, batches, data.num_classes)
             arguments["validation_steps"] = data.val_stream.batch_count(params.batch_size)
         else:
-            arguments["validation_data"] = (data.x_val, y_val) if len(data.x_val) else None
+            arguments["validation_data"] = (
+                in_memory_batches(data.x_val, y_val, params.batch_size) if len(data.x_val) else None
+            )
         return arguments
 
     def _streams_for_devices(

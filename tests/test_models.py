@@ -16,6 +16,8 @@ from imgpipe.keras_models import (
     bfloat16_hardware,
     build_optimizer,
     cpu_flags,
+    in_memory_batches,
+    seed_everything,
 )
 from imgpipe.models.cnn import CnnParams, custom_layers
 from imgpipe.models.dense import DenseParams
@@ -504,6 +506,36 @@ def test_label_smoothing_trains_on_smoothed_one_hot_targets(small_cnn: CnnParams
     target = one_hot * (1 - 0.2) + 0.2 / NUM_CLASSES
     expected = float(np.mean(-(target * np.log(proba)).sum(axis=1)))
     assert float(model.loss(one_hot, proba)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_in_memory_batches_train_exactly_as_fit_on_the_arrays(small_cnn: CnnParams) -> None:
+    """The training input's own pipeline changes threads, not batches: the same weights."""
+    pixels = random_pixels((20, *RGB_SHAPE), seed=4)
+    targets = CNN.targets(small_cnn, np.arange(20) % NUM_CLASSES, NUM_CLASSES)
+    batches = in_memory_batches(pixels, targets, 8)
+    assert [len(x) for x, _ in batches] == [8, 8, 4]  # in order, the last one smaller
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]), pixels)
+
+    weights = []
+    for fed in ("arrays", "batches"):
+        seed_everything(5)
+        model = CNN.compiled_model(
+            small_cnn, RGB_SHAPE, NUM_CLASSES, train_size=20, precision="float32"
+        )
+        if fed == "arrays":
+            model.fit(pixels, targets, batch_size=8, shuffle=False, epochs=2, verbose=0)
+        else:
+            model.fit(in_memory_batches(pixels, targets, 8), epochs=2, verbose=0)
+        weights.append(model.get_weights())
+    assert len(weights[0]) == len(weights[1])
+    for from_arrays, from_batches in zip(*weights, strict=True):
+        np.testing.assert_array_equal(from_arrays, from_batches)
+    # and training moved them: the comparison is not between two untrained models
+    seed_everything(5)
+    untrained = CNN.compiled_model(
+        small_cnn, RGB_SHAPE, NUM_CLASSES, train_size=20, precision="float32"
+    ).get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(untrained, weights[0], strict=True))
 
 
 @pytest.mark.parametrize("name", ["adam", "adamax", "rmsprop", "sgd"])
