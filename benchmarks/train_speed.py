@@ -155,7 +155,7 @@ def warm_model(section: Any, data: Any, precision: str) -> tuple[Any, Any]:
     )
     warm = 3 * section.batch_size
     batches = in_memory_batches(data.x_train[:warm], targets[:warm], section.batch_size)
-    model.fit(batches, verbose=0)
+    model.fit(batches, shuffle=False, verbose=0)
     return model, targets
 
 
@@ -198,7 +198,7 @@ def epoch_seconds(
             stamps = Stamps()
             started = time.perf_counter()
             batches = in_memory_batches(x, targets[name], section.batch_size)  # as train@cnn
-            models[name].fit(batches, verbose=0, callbacks=[stamps])
+            models[name].fit(batches, shuffle=False, verbose=0, callbacks=[stamps])
             ended = time.perf_counter()
             # slice k ends with batch cuts[k]; the last slice also holds fit's wind-down
             cuts = np.linspace(0, len(stamps.times), PARTS + 1).astype(int)[1:] - 1

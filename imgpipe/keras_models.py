@@ -548,7 +548,8 @@ class KerasModelType(ModelType):
         if data.train_stream is None:
             order = epoch_order(len(data.x_train), seed, epoch)  # reproducibly per epoch
             arguments = {
-                "x": in_memory_batches(data.x_train[order], y_train[order], params.batch_size)
+                "x": in_memory_batches(data.x_train[order], y_train[order], params.batch_size),
+                "shuffle": False,  # epoch_order shuffled it
             }
         else:
             batches = data.train_stream.shuffled_batches(params.batch_size, seed=seed, epoch=epoch)

@@ -525,7 +525,7 @@ def test_in_memory_batches_train_exactly_as_fit_on_the_arrays(small_cnn: CnnPara
         if fed == "arrays":
             model.fit(pixels, targets, batch_size=8, shuffle=False, epochs=2, verbose=0)
         else:
-            model.fit(in_memory_batches(pixels, targets, 8), epochs=2, verbose=0)
+            model.fit(in_memory_batches(pixels, targets, 8), shuffle=False, epochs=2, verbose=0)
         weights.append(model.get_weights())
     assert len(weights[0]) == len(weights[1])
     for from_arrays, from_batches in zip(*weights, strict=True):
