@@ -210,8 +210,15 @@ def epoch_seconds(
     return {name: sum(best) for name, best in slices.items()}, models
 
 
-def step_breakdown(section: Any, data: Any, precision: str, steps: int = 25) -> dict[str, float]:
-    """Milliseconds per batch of each part of a training step, by ablation."""
+def step_breakdown(
+    section: Any, data: Any, precision: str, steps: int = 25, rounds: int = 5
+) -> dict[str, float]:
+    """Milliseconds per batch of each part of a training step, by ablation.
+
+    Each part is run `steps` times in all after two untimed runs, in `rounds` rounds that take
+    the parts in turn; a part's time is the mean of its fastest round (this VM's speed changes
+    under it, so parts timed one after the other would be compared at different speeds).
+    """
     import keras
     import numpy as np
     import tensorflow as tf
@@ -225,22 +232,13 @@ def step_breakdown(section: Any, data: Any, precision: str, steps: int = 25) -> 
     plain = section.model_copy(
         update={
             "augment": section.augment.model_copy(
-                update={"flip": "none", "rotation": 0.0, "zoom": 0.0, "shift": 0.0}
+                update={"flip": "none", "rotation": 0.0, "zoom": 0.0, "shift": 0.0, "crop": 0.0}
             )
         }
     )
-
-    def timed(function) -> float:
-        function()  # trace
-        function()
-        started = time.perf_counter()
-        for _ in range(steps):
-            function()
-        return (time.perf_counter() - started) / steps * 1000
-
     x = tf.constant(data.x_train[:size])
     y = tf.constant(cnn.targets(section, data.y_train[:size], data.num_classes))
-    parts: dict[str, float] = {}
+    functions = {}
     for name, variant in (("with augmentation", section), ("without augmentation", plain)):
         model = cnn.compiled_model(
             variant, shape, data.num_classes, train_size=len(data.x_train), precision=precision
@@ -254,12 +252,22 @@ def step_breakdown(section: Any, data: Any, precision: str, steps: int = 25) -> 
                 loss = loss_fn(y, model(x, training=True))
             return tape.gradient(loss, model.trainable_variables)
 
-        full = timed(lambda model=model: model.train_on_batch(x, y))
-        parts[f"forward ({name})"] = timed(lambda forward=forward: forward().numpy())
-        parts[f"forward + backward ({name})"] = timed(
-            lambda gradients=gradients: [g.numpy() for g in gradients()]
-        )
-        parts[f"whole step ({name})"] = full
+        functions[f"forward ({name})"] = lambda forward=forward: forward().numpy()
+        functions[f"forward + backward ({name})"] = lambda gradients=gradients: [
+            g.numpy() for g in gradients()
+        ]
+        functions[f"whole step ({name})"] = lambda model=model: model.train_on_batch(x, y)
+    for function in functions.values():
+        function()  # trace
+        function()
+    per_round = max(steps // rounds, 1)
+    parts = dict.fromkeys(functions, float("inf"))
+    for _ in range(rounds):
+        for part, function in functions.items():
+            started = time.perf_counter()
+            for _ in range(per_round):
+                function()
+            parts[part] = min(parts[part], (time.perf_counter() - started) / per_round * 1000)
     order = epoch_order(len(data.x_train), 0, 0)
     started = time.perf_counter()
     _ = data.x_train[order]
@@ -386,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         "\nwhere a training step of params.yaml's cnn goes (ms per batch of "
-        f"{current.batch_size}, {choice.precision}, mean of 25 after 2 untimed):"
+        f"{current.batch_size}, {choice.precision}, the fastest of 5 interleaved rounds of 5):"
     )
     parts = step_breakdown(current, data, choice.precision)
     for part, ms in parts.items():
