@@ -175,14 +175,12 @@ def epoch_seconds(
     import keras
     import numpy as np
 
-    from imgpipe.keras_models import epoch_order, in_memory_batches
+    from imgpipe.registry import model_type
 
-    order = epoch_order(len(data.x_train), 0, 0)
-    x = data.x_train[order]
+    cnn = model_type("cnn")
     models, targets = {}, {}
     for name, (section, precision) in configs.items():
-        models[name], y = warm_model(section, data, precision)
-        targets[name] = y[order]
+        models[name], targets[name] = warm_model(section, data, precision)
 
     class Stamps(keras.callbacks.Callback):
         def __init__(self) -> None:
@@ -197,8 +195,9 @@ def epoch_seconds(
         for name, (section, _) in configs.items():
             stamps = Stamps()
             started = time.perf_counter()
-            batches = in_memory_batches(x, targets[name], section.batch_size)  # as train@cnn
-            models[name].fit(batches, shuffle=False, verbose=0, callbacks=[stamps])
+            # epoch 0's input exactly as train@cnn makes it (data has no val rows)
+            fed = cnn.epoch_input(section, data, (targets[name], data.y_val), seed=0, epoch=0)
+            models[name].fit(**fed, verbose=0, callbacks=[stamps])
             ended = time.perf_counter()
             # slice k ends with batch cuts[k]; the last slice also holds fit's wind-down
             cuts = np.linspace(0, len(stamps.times), PARTS + 1).astype(int)[1:] - 1
