@@ -19,8 +19,9 @@ from imgpipe.runtime import StageError
 from imgpipe.tables import TableStream, read_table, table_info
 
 if TYPE_CHECKING:
-    from imgpipe.params import Params
-    from imgpipe.tracking import Run
+    from imgpipe.params import Params, TrainParams, ViewParams
+    from imgpipe.registry import ModelType
+    from imgpipe.tracking.runs import Run, Store
 
 log = logging.getLogger("imgpipe.training")
 MB = 10**6  # train.stream_over_mb's unit
@@ -123,22 +124,65 @@ def train_model(
     unreachable server, a wrong view or a model type that cannot stream a table too big to
     read stops training before any pixels are read.
     """
-    from imgpipe import tracking  # deferred: importing mlflow takes seconds
+    from imgpipe.tracking.connection import open_store  # deferred: importing mlflow takes seconds
 
     entry = model_type(model_name)
     section = params.model_section(model_name)
     view = params.view_of(model_name)  # a model not under `models:` stops here, with the list
     view_name = params.models[model_name]
-    store = tracking.open_store(params.tracking)
+    store = open_store(params.tracking)
 
-    train_path, val_path = tables_dir / "train.parquet", tables_dir / "val.parquet"
-    shape, class_names, _, _ = table_info(train_path)  # the footer only: no pixels read yet
+    paths = (tables_dir / "train.parquet", tables_dir / "val.parquet")  # train, val
+    class_names = _class_names(paths[0], view_name, view)
+    streamed = _streamed_tables(model_name, entry, params.train, *paths)
+    data = training_data(*paths, streamed=streamed, shuffle_rows=params.train.shuffle_rows)
+    dataset = Path(params.data.raw).name
+    _log_dataset(dataset, data, view_name, view)
+    logged_params = {
+        **run_params(model_name, params, data.train_size, data.val_size),
+        "classes": ",".join(class_names),
+    }
+    resumable_dir = checkpoint_dir if entry.resumable else None
+    run, checkpoint = _open_run(store, model_name, dataset, paths, logged_params, resumable_dir)
+
+    folder = ModelFolder(out_dir)
+    try:
+        result = entry.train(
+            section,
+            data,
+            seed=params.train.seed,
+            on_epoch_end=_epoch_reporter(run, epochs=entry.planned_epochs(section)),
+            checkpoint=checkpoint,
+            devices=params.train.devices,
+        )
+        meta = _model_meta(model_name, view_name, view, class_names)
+        summary = _save_model(folder, meta, result, run, checkpoint)
+        _log_trained_model(run, folder, meta, result, summary, streamed)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    _report_unlogged(run, folder, model_name)
+    return TrainOutcome(result, folder, entry.weights_file, run.run_id, paths)
+
+
+def _class_names(train_path: Path, view_name: str, view: ViewParams) -> list[str]:
+    """The train table's classes, from its footer (no pixels read), once its images are
+    checked to have the view's shape."""
+    shape, class_names, _, _ = table_info(train_path)
     if tuple(shape) != view.shape:
         raise StageError(
             f"{train_path} holds {tuple(shape)} images but view {view_name} is "
             f"{view.shape}: run `dvc repro tabulate` first"
         )
-    bound = params.train.stream_over_mb
+    return class_names
+
+
+def _streamed_tables(
+    model_name: str, entry: ModelType, train: TrainParams, train_path: Path, val_path: Path
+) -> dict[str, bool]:
+    """Which tables ("train", "val") hold more pixels than train.stream_over_mb and are streamed,
+    from their footers; a model type that cannot stream stops here, saying what to change."""
+    bound = train.stream_over_mb
     sizes = {"train": pixel_megabytes(train_path), "val": pixel_megabytes(val_path)}
     streamed = {name: megabytes > bound for name, megabytes in sizes.items()}
     if any(streamed.values()) and not entry.streams:
@@ -158,14 +202,15 @@ def train_model(
                 name,
                 _megabytes(megabytes),
                 f"{bound:,}",
-                f" through a {params.train.shuffle_rows:,}-row shuffle buffer"
+                f" through a {train.shuffle_rows:,}-row shuffle buffer"
                 if name == "train"
                 else ", in file order",
             )
-    data = training_data(
-        train_path, val_path, streamed=streamed, shuffle_rows=params.train.shuffle_rows
-    )
-    dataset = Path(params.data.raw).name
+    return streamed
+
+
+def _log_dataset(dataset: str, data: TrainingData, view_name: str, view: ViewParams) -> None:
+    """`dataset demo: 1200 train and 300 val images of gray8 8x8x1, 10 classes`."""
     log.info(
         "dataset %s: %d train and %d val images of %s %s, %d classes",
         dataset,
@@ -176,13 +221,26 @@ def train_model(
         data.num_classes,
     )
 
-    data_hash = tracking.files_digest([train_path, val_path])
-    logged_params = {
-        **run_params(model_name, params, data.train_size, data.val_size),
-        "classes": ",".join(class_names),
-    }
+
+def _open_run(
+    store: Store,
+    model_name: str,
+    dataset: str,
+    paths: tuple[Path, Path],
+    logged_params: dict[str, Any],
+    checkpoint_dir: Path | None,
+) -> tuple[Run, TrainingCheckpoint | None]:
+    """The MLflow run, and the checkpoint (with checkpoint_dir) that training saves every epoch.
+
+    A checkpoint left by an interrupted training of the same params and data continues its run,
+    reopened; else a new run starts. The checkpoint records the run's id, for a resumed training
+    to continue it.
+    """
+    from imgpipe.tracking.runs import files_digest  # deferred: importing mlflow takes seconds
+
+    data_hash = files_digest(list(paths))
     checkpoint = None
-    if checkpoint_dir is not None and entry.resumable:
+    if checkpoint_dir is not None:
         checkpoint = TrainingCheckpoint(
             checkpoint_dir, fingerprint({**logged_params, "data_hash": data_hash})
         )
@@ -197,64 +255,79 @@ def train_model(
         )
     if checkpoint is not None:
         checkpoint.extra = {"run_id": run.run_id}
+    return run, checkpoint
 
-    folder = ModelFolder(out_dir)
-    try:
-        result = entry.train(
-            section,
-            data,
-            seed=params.train.seed,
-            on_epoch_end=_epoch_reporter(run, epochs=entry.planned_epochs(section)),
-            checkpoint=checkpoint,
-            devices=params.train.devices,
-        )
-        meta = ModelMeta(
-            model=model_name,
-            view=view_name,
-            height=view.height,
-            width=view.width,
-            color=view.color,
-            class_names=list(class_names),
-        )
-        summary = {
-            "train_seconds": round(result.seconds, 2),
-            "train_images_per_second": round(result.images_per_second, 1),
-            "parameters": result.parameters,
-            "resumed_from_epoch": result.resumed_from_epoch,
-        }
-        folder.write(
-            meta,
-            result.model,
-            summary={**summary, "choices": result.choices},
-            history=result.history,
-            run_report=run.report(),
-        )
-        if checkpoint is not None:
-            checkpoint.clear()  # the model is saved: a rerun must train afresh, not resume
-        run.log_metrics(summary)
-        # what the model type decided (e.g. the precision `auto` chose): text as params
-        # (`chosen.precision`), timings as metrics; and which tables were streamed
-        chosen = {k: v for k, v in result.choices.items() if isinstance(v, str)}
-        chosen["streamed"] = ", ".join(name for name, on in streamed.items() if on) or "none"
-        run.log_params({"chosen": chosen})
-        run.log_metrics({k: v for k, v in result.choices.items() if not isinstance(v, str)})
-        run.log_file(folder.history_csv)
-        run.log_model(folder.weights_path(meta), folder.meta_path)
-    except BaseException:
-        run.finish("FAILED")
-        raise
-    if run.unlogged:  # the model is complete; say exactly what MLflow is missing
+
+def _model_meta(
+    model_name: str, view_name: str, view: ViewParams, class_names: list[str]
+) -> ModelMeta:
+    """meta.json of the trained model: its type, its input view and its classes."""
+    return ModelMeta(
+        model=model_name,
+        view=view_name,
+        height=view.height,
+        width=view.width,
+        color=view.color,
+        class_names=list(class_names),
+    )
+
+
+def _save_model(
+    folder: ModelFolder,
+    meta: ModelMeta,
+    result: TrainResult,
+    run: Run,
+    checkpoint: TrainingCheckpoint | None,
+) -> dict[str, Any]:
+    """Write models/<model>/ whole, then drop the checkpoint; return the training summary
+    (time, speed, size) that history.json holds and the run logs."""
+    summary = {
+        "train_seconds": round(result.seconds, 2),
+        "train_images_per_second": round(result.images_per_second, 1),
+        "parameters": result.parameters,
+        "resumed_from_epoch": result.resumed_from_epoch,
+    }
+    folder.write(
+        meta,
+        result.model,
+        summary={**summary, "choices": result.choices},
+        history=result.history,
+        run_report=run.report(),
+    )
+    if checkpoint is not None:
+        checkpoint.clear()  # the model is saved: a rerun must train afresh, not resume
+    return summary
+
+
+def _log_trained_model(
+    run: Run,
+    folder: ModelFolder,
+    meta: ModelMeta,
+    result: TrainResult,
+    summary: dict[str, Any],
+    streamed: dict[str, bool],
+) -> None:
+    """Log the training's summary, its choices, history.csv and the model (as a pyfunc)."""
+    run.log_metrics(summary)
+    # what the model type decided (e.g. the precision `auto` chose): text as params
+    # (`chosen.precision`), timings as metrics; and which tables were streamed
+    chosen = {k: v for k, v in result.choices.items() if isinstance(v, str)}
+    chosen["streamed"] = ", ".join(name for name, on in streamed.items() if on) or "none"
+    run.log_params({"chosen": chosen})
+    run.log_metrics({k: v for k, v in result.choices.items() if not isinstance(v, str)})
+    run.log_file(folder.history_csv)
+    run.log_model(folder.weights_path(meta), folder.meta_path)
+
+
+def _report_unlogged(run: Run, folder: ModelFolder, model_name: str) -> None:
+    """The model is complete: when MLflow lacks part of its run, list exactly what in
+    mlflow_run.json, and warn."""
+    if run.unlogged:
         folder.write_run_report(run.report())
-        log.warning(
-            "MLflow run %s in %s is missing %d item(s) because logging failed (%s); the model "
-            "and its files are complete. Missing: %s. They are listed in %s; rerun "
-            "`dvc repro -f train@%s` once the server is back to log everything.",
-            run.run_id,
-            run.uri,
-            len(run.unlogged),
-            run.failure,
-            "; ".join(run.unlogged),
-            folder.run_file,
-            model_name,
-        )
-    return TrainOutcome(result, folder, entry.weights_file, run.run_id, (train_path, val_path))
+    run.warn_unlogged(
+        log,
+        "; the model and its files are complete. Missing: %s. They are listed in %s; rerun "
+        "`dvc repro -f train@%s` once the server is back to log everything.",
+        folder.run_file,
+        model_name,
+    )

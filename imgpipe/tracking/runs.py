@@ -1,193 +1,29 @@
-"""Everything MLflow: where the store is, one run per model, and the model as an MLflow pyfunc.
-
-This is the only module that imports mlflow. Nothing happens at import time: the tracking URI is
-resolved and set when a stage opens a run.
+"""MLflow runs: Store opens a model's run (train) or finds it again (evaluate); Run logs into it,
+and lists what it could not log instead of stopping the stage. Plus the provenance a run
+records: the git commit, a digest of the data, params as flat names.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
-import mlflow.pyfunc
 import numpy as np
-import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
-from imgpipe.runtime import StageError
-
-if TYPE_CHECKING:
-    from imgpipe.params import TrackingParams
+from imgpipe.tracking.connection import TrackingLoginError
+from imgpipe.tracking.pyfunc import log_pyfunc_model
 
 log = logging.getLogger("imgpipe.tracking")
 MODEL_ID_TAG = "imgpipe.model_id"  # the run's MLflow LoggedModel, which register_model uses
-
-
-def repo_root() -> Path:
-    """The project root, also inside `dvc exp run --temp/--queue` copies (DVC sets DVC_ROOT)."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-
-
-def local_uri() -> str:
-    """The local store: sqlite:///<repo root>/mlflow.db."""
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
-
-
-def tracking_uri(configured: str | None) -> str:
-    """MLFLOW_TRACKING_URI, else params' tracking.uri, else the local store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured or local_uri()
-
-
-class TrackingUnavailableError(StageError):
-    """The MLflow tracking server cannot be reached."""
-
-
-def configure_mlflow() -> None:
-    """Bound how long one call to an unreachable server waits (MLflow retries 7 times with
-    exponential backoff by default: minutes per call), and keep MLflow's own progress bars and
-    start-up notes out of the stage's output. Explicit environment settings win."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # "Creating initial MLflow database tables...": a new local store, nothing to act on
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-
-
-class TrackingLoginError(StageError):
-    """The MLflow tracking server refused this user's login or permission."""
-
-
-def credentials_header() -> dict[str, str]:
-    """The Authorization header the MLflow client sends, from the same environment variables
-    (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, else MLFLOW_TRACKING_TOKEN)."""
-    username = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if username and password:
-        pair = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-        return {"Authorization": f"Basic {pair}"}
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
-    """Why an http(s) tracking server does not answer its /health endpoint, or None if it does.
-
-    The request carries the user's credentials (a proxy in front of the server may ask for them);
-    a login it refuses (401, 403) counts as reachable: login_problem says what is wrong. Other
-    stores (sqlite, file) are local and always count as reachable.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return None
-    request = urllib.request.Request(f"{uri.rstrip('/')}/health", headers=credentials_header())
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if response.status >= 400:
-                return f"/health answered HTTP {response.status}"
-    except urllib.error.HTTPError as error:
-        if error.code in (401, 403):
-            return None
-        return f"/health answered HTTP {error.code}"
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        return str(getattr(error, "reason", error))
-    return None
-
-
-LOGIN_HELP = (
-    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on that server "
-    "(its admin creates accounts and resets passwords)"
-)
-
-
-def login_problem(uri: str) -> str | None:
-    """Why an http(s) tracking server refuses this user (a one-line message that says what to
-    do), or None when it accepts the login or asks for none."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except mlflow.exceptions.MlflowException as error:
-        if error.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-            return None  # not a login problem: the calls that log report it
-        username = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        status = error.get_http_status_code()
-        if not (username and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
-            return (
-                f"MLflow server {uri} asks for a login (HTTP {status}) and "
-                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not both set: "
-                f"{LOGIN_HELP}"
-            )
-        return (
-            f"MLflow server {uri} refused the login of user {username!r} (HTTP {status}: wrong "
-            f"password, or no such user): {LOGIN_HELP}"
-        )
-    return None
-
-
-def open_store(tracking: TrackingParams) -> Store:
-    """The store a stage logs to (params' `tracking:`), checked before any work starts.
-
-    An unreachable server stops the stage at once (on_unreachable "fail") or is replaced by the
-    local sqlite store with a warning (on_unreachable "local"). A server that refuses the user's
-    login stops the stage, with what to set.
-    """
-    configure_mlflow()
-    uri = tracking_uri(tracking.uri)
-    reason = unreachable_reason(uri)
-    if reason is None:
-        problem = login_problem(uri)  # a wrong password is no reason to log elsewhere
-        if problem is not None:
-            raise TrackingLoginError(f"{problem}; nothing was done.")
-        prepare_sqlite_store(uri)
-        return Store(uri, tracking.experiment)
-    local = local_uri()
-    if tracking.on_unreachable == "local":
-        prepare_sqlite_store(local)
-        log.warning(
-            "MLflow server %s is unreachable (%s): logging into the local store %s instead "
-            "(tracking.on_unreachable: local)",
-            uri,
-            reason,
-            local,
-        )
-        return Store(local, tracking.experiment)
-    raise TrackingUnavailableError(
-        f"MLflow server {uri} is unreachable ({reason}); nothing was done. Start the server, "
-        "or point MLFLOW_TRACKING_URI / tracking.uri at one that runs, or run with "
-        f"`-S tracking.on_unreachable=local` to log into {local} instead."
-    )
-
-
-def prepare_sqlite_store(uri: str) -> None:
-    """Create (or upgrade) a SQLite store's tables while holding an exclusive lock on its file.
-
-    Parallel stages (`dvc queue start -j 2`) that open a new store at once would otherwise both
-    run MLflow's migrations, and one fails ("Online migration expected to match one row").
-    SQLite's own locks are fcntl locks, which a flock on the same file does not touch.
-    """
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab") as handle:  # an empty file is an empty SQLite database
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:
@@ -333,6 +169,22 @@ class Run:
             "unlogged": list(self.unlogged),
         }
 
+    def warn_unlogged(self, stage_log: logging.Logger, then: str, *args: object) -> None:
+        """When some logging failed, warn once through the stage's logger: which run in which
+        store lacks how many items and why, then `then`, whose first %s is the list of what is
+        missing, followed by `args` (what is complete, what to rerun)."""
+        if not self.unlogged:
+            return
+        stage_log.warning(
+            "MLflow run %s in %s is missing %d item(s) because logging failed (%s)" + then,
+            self.run_id,
+            self.uri,
+            len(self.unlogged),
+            self.failure,
+            "; ".join(self.unlogged),
+            *args,
+        )
+
     def reopen(self) -> None:
         """Mark a run RUNNING again: an interrupted training run continues in it."""
         self._attempt("run status RUNNING", lambda: self.client.update_run(self.run_id, "RUNNING"))
@@ -394,7 +246,7 @@ class Run:
                 level = pyfunc_log.level
                 pyfunc_log.setLevel(logging.ERROR)
                 try:
-                    info = _log_pyfunc_model(model_file, meta_file)
+                    info = log_pyfunc_model(model_file, meta_file)
                 finally:
                     pyfunc_log.setLevel(level)
             # MLflow 3 keeps the model as a LoggedModel of its own: register_model needs its id
@@ -453,87 +305,4 @@ class Run:
         self._attempt(
             f"run status {status}",
             lambda: self.client.set_terminated(self.run_id, status=status),
-        )
-
-
-def _log_pyfunc_model(model_file: Path, meta_file: Path) -> ModelInfo:
-    """mlflow.pyfunc.log_model into the active run: the classifier wrapper, its files, and the
-    imgpipe package itself, so that `mlflow models serve` and load_model work wherever keras,
-    tensorflow, scikit-learn and mlflow are installed."""
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=ImageClassifierModel(),
-        artifacts={"model": str(model_file), "meta": str(meta_file)},
-        pip_requirements=_requirements(),
-        code_paths=[str(Path(__file__).resolve().parent)],
-    )
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    names = [
-        "imgpipe",
-        "keras",
-        "tensorflow",
-        "numpy",
-        "pandas",
-        "pillow",
-        "scikit-learn",
-        "mlflow",
-    ]
-    pins = []
-    for name in names:
-        try:
-            pins.append(f"{name}=={version(name)}")
-        except Exception:  # not installed as a distribution: leave it to the environment
-            continue
-    return pins
-
-
-class ImageClassifierModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc wrapper around imgpipe.classifier.Classifier.
-
-    Input: a uint8 array (N, H, W, C) in the model's view, or a DataFrame with an `image`
-    column of encoded image bytes (or base64 text, as in a JSON serving request). Output: for
-    arrays, `label`, `probability` and one `p_<class>` column per class; for images, `label`,
-    `probability` and `error`, one row per input row (see imgpipe.serving). Concurrent calls
-    (a server's request threads) share forward passes.
-    """
-
-    # MLflow wraps predict() for type-hint validation and warns when it has no hints; its input
-    # is an array or a DataFrame, and a hint would make MLflow enforce one of them
-    _skip_type_hint_validation = True
-
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the weights and meta.json from the logged artifacts."""
-        from imgpipe.classifier import Classifier
-        from imgpipe.serving import BatchedPredictor
-
-        self.classifier = Classifier.from_files(
-            context.artifacts["model"], context.artifacts["meta"]
-        )
-        self.batched = BatchedPredictor(self.classifier.predict_proba)
-        # TensorFlow traces the forward pass for the first two batch sizes it meets (0.4 to
-        # 0.5 s each), then for any size: done here, not in the first requests' answer times
-        for count in (1, 2):
-            self.classifier.predict_proba(np.zeros((count, *self.classifier.input_shape), np.uint8))
-
-    # No type hints here: MLflow would turn them into a strict input schema.
-    def predict(self, context, model_input, params=None):
-        """Classify a batch of images."""
-        from imgpipe.serving import answer_rows
-
-        names = self.classifier.meta.class_names
-        if isinstance(model_input, np.ndarray):
-            proba = self.classifier.predict_proba(model_input)
-            frame = pd.DataFrame(proba, columns=[f"p_{n}" for n in names])
-            frame.insert(0, "label", [names[i] for i in proba.argmax(axis=1)])
-            frame.insert(1, "probability", proba.max(axis=1))
-            return frame
-        return answer_rows(
-            pd.DataFrame(model_input),
-            decode=self.classifier.decode,
-            predict=self.batched,
-            class_names=names,
         )
