@@ -112,7 +112,6 @@ class ModelType(ABC):
     # val_stream) instead of arrays: the train stage streams tables over train.stream_over_mb
     streams: ClassVar[bool] = False
 
-    @abstractmethod
     def train(
         self,
         params: Any,
@@ -126,8 +125,17 @@ class ModelType(ABC):
         """Fit a new model on data.x_train (uint8 pixels), reporting each finished epoch.
 
         devices is train.devices: what Keras models train on, data-parallel over several; the
-        NumPy and scikit-learn models train on the CPU and do not use it.
+        NumPy and scikit-learn models train on the CPU and do not use it. By default fit():
+        a model type that resumes from a checkpoint or trains on devices overrides train.
         """
+        return self.fit(params, data, seed=seed, on_epoch_end=on_epoch_end)
+
+    def fit(
+        self, params: Any, data: TrainingData, *, seed: int, on_epoch_end: EpochCallback
+    ) -> TrainResult:
+        """train() for a model type that trains from scratch on the CPU (no checkpoint, no
+        devices): the NumPy and scikit-learn ones."""
+        raise NotImplementedError(f"{type(self).__name__} must define fit() or train()")
 
     def planned_epochs(self, params: Any) -> int:
         """How many epochs train() runs with these params (its `epochs` knob by default)."""
@@ -158,7 +166,7 @@ def model_types() -> dict[str, ModelType]:
         if not isinstance(entry, ModelType):
             raise TypeError(
                 f"{module.__file__} must define MODEL_TYPE, an instance of a "
-                "imgpipe.registry.ModelType subclass (see README 'Adding a model')"
+                "imgpipe.registry.ModelType subclass (see docs/architecture.md 'Adding a model')"
             )
         types[name] = entry
     return types

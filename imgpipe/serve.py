@@ -22,6 +22,59 @@ class _BodyTooLargeError(Exception):
     """The request body grew past the limit while it was being read."""
 
 
+async def _answer(send: Send, status: int, body: bytes) -> None:
+    """Send a whole JSON answer: its start, then its body in one message."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Exchange:
+    """One HTTP request through guarded(): the body counted as the app receives it, and an
+    error answer held back until it can be rewritten as one JSON line."""
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        max_body_bytes: int,
+        one_line_error: Callable[[int, bytes], bytes],
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self.max_body_bytes = max_body_bytes
+        self.one_line_error = one_line_error
+        self.received = 0
+        self.error_start: Message | None = None
+        self.error_body: list[bytes] = []
+        self.started = False  # an answer has begun: too late for a 413
+
+    async def receive(self) -> Message:
+        """The app's receive: raises _BodyTooLargeError once the body passes the limit."""
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.max_body_bytes:
+                raise _BodyTooLargeError
+        return message
+
+    async def send(self, message: Message) -> None:
+        """The app's send: answers pass through, error answers (4xx, 5xx) rewritten."""
+        if message["type"] == "http.response.start":
+            self.started = True
+            if message["status"] >= 400:
+                self.error_start = message  # held back until its body is rewritten
+                return
+        elif message["type"] == "http.response.body" and self.error_start is not None:
+            self.error_body.append(message.get("body", b""))
+            if not message.get("more_body"):
+                status = self.error_start["status"]
+                body = self.one_line_error(status, b"".join(self.error_body))
+                await _answer(self._send, status, body)
+            return
+        await self._send(message)
+
+
 def guarded(app: App, max_body_bytes: int) -> App:
     """An ASGI app around `app`: bodies over max_body_bytes get a 413, and every error answer
     (4xx, 5xx) becomes one JSON line, {"error_code", "message"}, with no stack trace."""
@@ -31,11 +84,7 @@ def guarded(app: App, max_body_bytes: int) -> App:
         f"the request is larger than {max_body_bytes / 1e6:.0f} MB: send fewer rows per "
         "request (or start imgpipe-serve with a larger --max-request-mb)"
     )
-
-    async def answer(send: Send, status: int, body: bytes) -> None:
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    too_large_body = json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": too_large}).encode()
 
     async def guarded_app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,47 +92,14 @@ def guarded(app: App, max_body_bytes: int) -> App:
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            body = json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": too_large})
-            await answer(send, 413, body.encode())
+            await _answer(send, 413, too_large_body)
             return
-        received = 0
-        error_start: Message | None = None
-        error_body: list[bytes] = []
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > max_body_bytes:
-                    raise _BodyTooLargeError
-            return message
-
-        async def one_line_send(message: Message) -> None:
-            nonlocal error_start, started
-            if message["type"] == "http.response.start":
-                started = True
-                if message["status"] >= 400:
-                    error_start = message  # held back until its body is rewritten
-                    return
-            elif message["type"] == "http.response.body" and error_start is not None:
-                error_body.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    await answer(
-                        send,
-                        error_start["status"],
-                        one_line_error(error_start["status"], b"".join(error_body)),
-                    )
-                return
-            await send(message)
-
+        exchange = _Exchange(receive, send, max_body_bytes, one_line_error)
         try:
-            await app(scope, limited_receive, one_line_send)
+            await app(scope, exchange.receive, exchange.send)
         except _BodyTooLargeError:
-            if not started:
-                body = json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": too_large})
-                await answer(send, 413, body.encode())
+            if not exchange.started:
+                await _answer(send, 413, too_large_body)
 
     return guarded_app
 

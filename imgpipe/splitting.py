@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from imgpipe.images import (
     SPLITS,
+    Entry,
     RawSource,
     Skipped,
     UnsafeArchiveError,
@@ -29,6 +30,8 @@ from imgpipe.images import (
 from imgpipe.runtime import StageError, atomic_directory, cpu_count, write_json_atomic
 
 if TYPE_CHECKING:
+    from multiprocessing.pool import Pool
+
     from imgpipe.params import SplitParams
 
 log = logging.getLogger("imgpipe.splitting")
@@ -189,6 +192,39 @@ def split_images(raw: str, out_dir: Path, report_path: Path, settings: SplitPara
     appears whole or not at all.
     """
     started = time.perf_counter()
+    listing = _list_raw(raw)
+    skipped: list[Skipped] = list(listing.unlabelled)
+    with multiprocessing.Pool(cpu_count(), initializer=_init_worker, initargs=(raw,)) as pool:
+        records, unreadable = _check_images(pool, listing.entries)
+        skipped.extend(unreadable)
+        labels = _classes(records, raw)
+        split = split_dataset(
+            records,
+            ratios=settings.ratios.model_dump(),
+            seed=settings.seed,
+            max_per_class=settings.max_per_class,
+        )
+        skipped.extend(split.left_out)
+        written = _write_split(pool, split, labels, out_dir)
+
+    report = _report(raw, settings, listing, records, split, labels, skipped)
+    write_json_atomic(report_path, report)
+    return SplitOutcome(report, skipped, written, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """The raw source's files: all of them, the system files among them (ignored), the others
+    with their classes, and those left out before reading (no class, or too large)."""
+
+    all_files: list[str]
+    system_files: list[str]
+    entries: list[Entry]
+    unlabelled: list[Skipped]
+
+
+def _list_raw(raw: str) -> _Listing:
+    """List and label the raw files, without reading any."""
     try:
         source = RawSource(raw)
         all_files = source.list_files()
@@ -203,75 +239,91 @@ def split_images(raw: str, out_dir: Path, report_path: Path, settings: SplitPara
     log.info(
         "found %d files in %s (%d ignored as system files)", len(all_files), raw, len(system_files)
     )
+    return _Listing(all_files, system_files, entries, unlabelled)
 
-    skipped: list[Skipped] = list(unlabelled)
+
+def _check_images(pool: Pool, entries: list[Entry]) -> tuple[list[Record], list[Skipped]]:
+    """Decode and hash every entry in the workers: the readable ones as records, in entry
+    order, and the unreadable ones with the reason."""
     records: list[Record] = []
-    with multiprocessing.Pool(cpu_count(), initializer=_init_worker, initargs=(raw,)) as pool:
-        results = pool.imap(_inspect, [e.path for e in entries], chunksize=64)
-        for entry, (digest, reason) in tqdm(
-            zip(entries, results, strict=True),
-            total=len(entries),
-            desc="split: checking images",
-            unit="img",
-        ):
-            if reason is None:
-                records.append(Record(entry.path, entry.label or "", digest))
-            else:
-                skipped.append(Skipped(entry.path, reason))
+    unreadable: list[Skipped] = []
+    results = pool.imap(_inspect, [e.path for e in entries], chunksize=64)
+    for entry, (digest, reason) in tqdm(
+        zip(entries, results, strict=True),
+        total=len(entries),
+        desc="split: checking images",
+        unit="img",
+    ):
+        if reason is None:
+            records.append(Record(entry.path, entry.label or "", digest))
+        else:
+            unreadable.append(Skipped(entry.path, reason))
+    return records, unreadable
 
-        labels = sorted({r.label for r in records})
-        if len(labels) < 2:
-            raise StageError(
-                f"found {len(labels)} class(es) ({', '.join(labels) or 'none'}) in {raw}: "
-                "need at least two. Use class folders (<class>/<image>) or Kaggle names "
-                "(<class>.<id>.jpg)."
-            )
-        split = split_dataset(
-            records,
-            ratios=settings.ratios.model_dump(),
-            seed=settings.seed,
-            max_per_class=settings.max_per_class,
+
+def _classes(records: list[Record], raw: str) -> list[str]:
+    """The sorted class names of the readable images; fewer than two is an error."""
+    labels = sorted({r.label for r in records})
+    if len(labels) < 2:
+        raise StageError(
+            f"found {len(labels)} class(es) ({', '.join(labels) or 'none'}) in {raw}: "
+            "need at least two. Use class folders (<class>/<image>) or Kaggle names "
+            "(<class>.<id>.jpg)."
         )
-        skipped.extend(split.left_out)
-        selected = [r for s in SPLITS for r in split.assigned[s]]
-        names = destination_names(selected)
+    return labels
 
-        with atomic_directory(out_dir) as staging:
-            jobs = [
-                (record.path, str(staging / split_name / names[record.path]))
-                for split_name in SPLITS
-                for record in split.assigned[split_name]
-            ]
-            for directory in {Path(d).parent for _, d in jobs}:
-                directory.mkdir(parents=True, exist_ok=True)
-            for split_name in SPLITS:  # every class folder exists in every split, even if empty
-                for label in labels:
-                    (staging / split_name / label).mkdir(parents=True, exist_ok=True)
-            written = sum(
-                tqdm(
-                    pool.imap_unordered(_copy, jobs, chunksize=64),
-                    total=len(jobs),
-                    desc="split: writing",
-                    unit="img",
-                )
+
+def _write_split(pool: Pool, split: Split, labels: list[str], out_dir: Path) -> int:
+    """Copy the selected images into out_dir/<split>/<class>/ by the workers, atomically;
+    the bytes written."""
+    names = destination_names([r for s in SPLITS for r in split.assigned[s]])
+    with atomic_directory(out_dir) as staging:
+        jobs = [
+            (record.path, str(staging / split_name / names[record.path]))
+            for split_name in SPLITS
+            for record in split.assigned[split_name]
+        ]
+        for directory in {Path(d).parent for _, d in jobs}:
+            directory.mkdir(parents=True, exist_ok=True)
+        for split_name in SPLITS:  # every class folder exists in every split, even if empty
+            for label in labels:
+                (staging / split_name / label).mkdir(parents=True, exist_ok=True)
+        return sum(
+            tqdm(
+                pool.imap_unordered(_copy, jobs, chunksize=64),
+                total=len(jobs),
+                desc="split: writing",
+                unit="img",
             )
+        )
 
-    report = {
+
+def _report(
+    raw: str,
+    settings: SplitParams,
+    listing: _Listing,
+    records: list[Record],
+    split: Split,
+    labels: list[str],
+    skipped: list[Skipped],
+) -> dict[str, Any]:
+    """The split report (data/split-report.json): the settings, what was found and kept, and
+    every skipped file with the reason."""
+    selected = sum(len(split.assigned[s]) for s in SPLITS)
+    return {
         "dataset": Path(raw).name,
         "source": raw,
         "seed": settings.seed,
         "ratios": settings.ratios.model_dump(),
         "max_per_class": settings.max_per_class,
-        "files_found": len(all_files),
-        "system_files_ignored": len(system_files),
+        "files_found": len(listing.all_files),
+        "system_files_ignored": len(listing.system_files),
         "readable": len(records),
-        "selected": len(selected),
-        "not_selected_by_cap": len(records) - len(selected) - len(split.left_out),
+        "selected": selected,
+        "not_selected_by_cap": len(records) - selected - len(split.left_out),
         "duplicate_groups": split.duplicate_groups,
         "classes": labels,
         "totals": {s: len(split.assigned[s]) for s in SPLITS},
         "counts": split.counts(),
         "skipped": [{"path": printable(s.path), "reason": s.reason} for s in skipped],
     }
-    write_json_atomic(report_path, report)
-    return SplitOutcome(report, skipped, written, time.perf_counter() - started)

@@ -411,6 +411,32 @@ def decoding_engine(
         yield LocalDecoder(pool, slots, workers), f"{workers} worker processes"
 
 
+def _split_contents(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Each split's files (<class>/<file name>) and the class names: every class folder of any
+    split, sorted."""
+    sources = {s: split_files(split_dir / s) for s in SPLITS}
+    class_names = sorted({p.name for s in SPLITS for p in (split_dir / s).iterdir() if p.is_dir()})
+    return sources, class_names
+
+
+def _decode_jobs(
+    split_dir: Path,
+    sources: Mapping[str, list[str]],
+    views: Mapping[str, ViewParams],
+    tables: list[tuple[str, str]],
+) -> list[DecodeJob]:
+    """One decoding job per (view, split) table: the split's files by absolute path, and the
+    view's size, colour mode and array shape."""
+    return [
+        DecodeJob(
+            [os.path.join(os.path.abspath(split_dir / s), f) for f in sources[s]],
+            (views[v].height, views[v].width, views[v].color),
+            views[v].shape,
+        )
+        for v, s in tables
+    ]
+
+
 def tabulate_views(
     split_dir: Path, out_dir: Path, views: Mapping[str, ViewParams], settings: TabulateParams
 ) -> TabulateOutcome:
@@ -422,10 +448,7 @@ def tabulate_views(
     """
     started = time.perf_counter()
     with decoding_engine(settings, views) as (decoder, engine):
-        sources = {s: split_files(split_dir / s) for s in SPLITS}
-        class_names = sorted(
-            {p.name for s in SPLITS for p in (split_dir / s).iterdir() if p.is_dir()}
-        )
+        sources, class_names = _split_contents(split_dir)
         images = sum(len(f) for f in sources.values())
         total = images * len(views)
         log.info(
@@ -438,14 +461,7 @@ def tabulate_views(
         )
         failures: list[dict[str, str]] = []
         tables = [(v, s) for v in views for s in SPLITS]  # in this order
-        jobs = [
-            DecodeJob(
-                [os.path.join(os.path.abspath(split_dir / s), f) for f in sources[s]],
-                (views[v].height, views[v].width, views[v].color),
-                views[v].shape,
-            )
-            for v, s in tables
-        ]
+        jobs = _decode_jobs(split_dir, sources, views, tables)
         with (
             atomic_directory(out_dir) as staging,
             tqdm(total=total, desc="tabulate", unit="img") as progress,

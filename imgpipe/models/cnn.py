@@ -95,6 +95,70 @@ def _augmentation(augment: AugmentParams) -> list[layers.Layer]:
     return steps
 
 
+def _conv(
+    x: keras.KerasTensor,
+    filters: int,
+    name: str,
+    params: CnnParams,
+    *,
+    size: int = 3,
+    stride: int = 1,
+    relu: bool = True,
+) -> keras.KerasTensor:
+    """A convolution, with batch norm (then no bias) if the section asks, and a ReLU."""
+    from keras import layers
+
+    x = layers.Conv2D(
+        filters,
+        size,
+        strides=stride,
+        padding="same",
+        use_bias=not params.batch_norm,
+        name=name,
+    )(x)
+    if params.batch_norm:
+        x = layers.BatchNormalization(momentum=params.batch_norm_momentum, name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
+
+
+def _block(x: keras.KerasTensor, block: int, filters: int, params: CnnParams) -> keras.KerasTensor:
+    """Block number `block`: its convolutions (and shortcut), then a max-pool."""
+    from keras import layers
+
+    shortcut = x
+    for index in range(1, params.convs_per_block + 1):
+        # a residual block's last ReLU comes after the addition
+        relu = not (params.residual and index == params.convs_per_block)
+        x = _conv(x, filters, f"block{block}_conv{index}", params, relu=relu)
+        if index == 1 and params.shortcut == "identity":
+            shortcut = x
+    if params.residual:
+        if params.shortcut == "conv1x1":
+            shortcut = _conv(
+                shortcut, filters, f"block{block}_shortcut", params, size=1, relu=False
+            )
+        x = layers.Add(name=f"block{block}_add")([x, shortcut])
+        x = layers.Activation("relu", name=f"block{block}_relu")(x)
+    return layers.MaxPooling2D(2, name=f"block{block}_pool")(x)  # halves H and W
+
+
+def _head(x: keras.KerasTensor, num_classes: int, params: CnnParams) -> keras.KerasTensor:
+    """Pooling, dropout and the optional hidden layer, then the float32 softmax."""
+    from keras import layers
+
+    if params.pooling == "global_average":
+        x = layers.GlobalAveragePooling2D(name="pool")(x)  # (N, filters[-1])
+    else:
+        x = layers.Flatten(name="flatten")(x)
+    if params.dropout > 0:
+        x = layers.Dropout(params.dropout, name="head_dropout")(x)
+    if params.head_units:
+        x = layers.Dense(params.head_units, activation="relu", name="head")(x)
+        if params.dropout > 0:
+            x = layers.Dropout(params.dropout, name="head_dropout_2")(x)
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+
+
 class CnnType(KerasModelType):
     """Augmentation, (stem), [Conv -> (BN) -> ReLU] * n (+ shortcut) -> MaxPool per block,
     pooled head."""
@@ -108,29 +172,6 @@ class CnnType(KerasModelType):
         import keras
         from keras import layers
 
-        def conv(
-            x: keras.KerasTensor,
-            filters: int,
-            name: str,
-            *,
-            size: int = 3,
-            stride: int = 1,
-            relu: bool = True,
-        ) -> keras.KerasTensor:
-            x = layers.Conv2D(
-                filters,
-                size,
-                strides=stride,
-                padding="same",
-                use_bias=not params.batch_norm,
-                name=name,
-            )(x)
-            if params.batch_norm:
-                x = layers.BatchNormalization(
-                    momentum=params.batch_norm_momentum, name=f"{name}_bn"
-                )(x)
-            return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
-
         inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")  # (N, H, W, C)
         x = inputs
         if params.augment.crop > 0:  # on the uint8 batch: a quarter of float32's bytes to move
@@ -139,37 +180,14 @@ class CnnType(KerasModelType):
         for step in _augmentation(params.augment):
             x = step(x)
         if params.stem != "none":
-            x = conv(x, params.filters[0], "stem", stride=2 if "stride2" in params.stem else 1)
+            x = _conv(
+                x, params.filters[0], "stem", params, stride=2 if "stride2" in params.stem else 1
+            )
             if params.stem.endswith("_pool"):
                 x = layers.MaxPooling2D(2, name="stem_pool")(x)
         for block, filters in enumerate(params.filters, start=1):
-            shortcut = x
-            for index in range(1, params.convs_per_block + 1):
-                # a residual block's last ReLU comes after the addition
-                relu = not (params.residual and index == params.convs_per_block)
-                x = conv(x, filters, f"block{block}_conv{index}", relu=relu)
-                if index == 1 and params.shortcut == "identity":
-                    shortcut = x
-            if params.residual:
-                if params.shortcut == "conv1x1":
-                    shortcut = conv(shortcut, filters, f"block{block}_shortcut", size=1, relu=False)
-                x = layers.Add(name=f"block{block}_add")([x, shortcut])
-                x = layers.Activation("relu", name=f"block{block}_relu")(x)
-            x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)  # halves H and W
-        if params.pooling == "global_average":
-            x = layers.GlobalAveragePooling2D(name="pool")(x)  # (N, filters[-1])
-        else:
-            x = layers.Flatten(name="flatten")(x)
-        if params.dropout > 0:
-            x = layers.Dropout(params.dropout, name="head_dropout")(x)
-        if params.head_units:
-            x = layers.Dense(params.head_units, activation="relu", name="head")(x)
-            if params.dropout > 0:
-                x = layers.Dropout(params.dropout, name="head_dropout_2")(x)
-        outputs = layers.Dense(
-            num_classes, activation="softmax", dtype="float32", name="probabilities"
-        )(x)
-        return keras.Model(inputs, outputs, name="cnn")
+            x = _block(x, block, filters, params)
+        return keras.Model(inputs, _head(x, num_classes, params), name="cnn")
 
     def inference_model(self, model: keras.Model, params: CnnParams) -> keras.Model:
         """With flip_tta, a model around the trained one that averages its probabilities for

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import Field
@@ -22,8 +22,6 @@ from imgpipe.sections import Section
 
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
-
-    from imgpipe.checkpoints import TrainingCheckpoint
 
 log = logging.getLogger("imgpipe.models.logreg")
 FORMAT_VERSION = 1
@@ -59,15 +57,8 @@ class LogregType(ModelType):
     params_class = LogregParams
     weights_file = "model.npz"
 
-    def train(
-        self,
-        params: LogregParams,
-        data: TrainingData,
-        *,
-        seed: int,
-        on_epoch_end: EpochCallback,
-        checkpoint: TrainingCheckpoint | None,
-        devices: Literal["auto"] | int,  # Keras models only: this one trains on the CPU
+    def fit(
+        self, params: LogregParams, data: TrainingData, *, seed: int, on_epoch_end: EpochCallback
     ) -> TrainResult:
         """Fit on every training image at once; report train and val loss and accuracy."""
         from sklearn.exceptions import ConvergenceWarning
