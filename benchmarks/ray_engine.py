@@ -25,7 +25,7 @@ byte for byte. Ends with `met` or `MISSED`; exit status 1 on a miss.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import os
 import shutil
 import statistics
@@ -35,11 +35,10 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # imgpipe and benchmarks
 
-import data_stages  # the benchmarks' shared helpers: measuring, running stages
+from benchmarks import harness
 
-REPO = Path(__file__).resolve().parents[1]
 # name: (tabulate.engine, whether it joins the Ray head this script starts through RAY_ADDRESS)
 VARIANTS = {
     "local": ("local", False),
@@ -55,17 +54,6 @@ START_STOP = (
 )
 
 
-def write_params(project: Path, raw: Path, images: int | None, engine: str) -> None:
-    """project/params.yaml: the repository's, on `raw`, capped to `images`, with `engine`."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["data"]["raw"] = str(raw)
-    if images is not None:
-        params["split"]["max_per_class"] = max(1, images // data_stages.class_count(raw))
-    params["tabulate"]["engine"] = engine
-    project.mkdir(parents=True, exist_ok=True)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-
-
 def tables(folder: Path) -> dict[str, bytes]:
     """Every file under a tables folder, by relative path."""
     return {
@@ -74,39 +62,32 @@ def tables(folder: Path) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = harness.argument_parser(
+        __doc__, repeats=3, repeats_help="tabulate runs of each engine"
     )
-    parser.add_argument("--raw", type=Path, default=data_stages.DEFAULT_RAW)
-    parser.add_argument("--images", type=int, default=None, help="real images (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="tabulate runs of each engine")
     args = parser.parse_args(argv)
-    if not args.raw.exists():
-        raise SystemExit(f"{args.raw} not found: pass --raw (a zip or a folder of class folders)")
-    try:
-        import ray
-    except ImportError:
-        raise SystemExit('needs the ray extra: pip install -e ".[ray]"') from None
+    raw = harness.existing_raw(args.raw)
+    if importlib.util.find_spec("ray") is None:
+        raise SystemExit('needs the ray extra: pip install -e ".[ray]"')
 
     from ray.cluster_utils import Cluster
-    from train_speed import machine
 
-    print(f"machine: {machine()}; Ray {ray.__version__}", flush=True)
+    harness.print_machine("PIL", "pyarrow", "ray")
     cores = os.cpu_count() or 1
     # a Ray head on this machine, as `ray start --head` makes it, for the joining runs
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": cores, "include_dashboard": False}
     )
-    runs: dict[str, list[data_stages.Measurement]] = {name: [] for name in VARIANTS}
+    runs: dict[str, list[harness.Measurement]] = {name: [] for name in VARIANTS}
     try:
         with tempfile.TemporaryDirectory(prefix="imgpipe-ray-engine-") as folder:
             work = Path(folder)
             project = work / "project"
             log = work / "stages.log"
-            write_params(project, args.raw.resolve(), args.images, "local")
-            data_stages.run_split(project, log)
+            harness.write_params(project, raw=raw, view=None, images=args.images)
+            harness.run_split(project, log)
             split = project / "data" / "split"
-            images = data_stages.count_files(split)
+            images = harness.count_files(split)
             params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
             print(
                 f"{images:,} images, views {', '.join(params['views'])}; tabulate.workers "
@@ -121,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                 shift = round_number % len(names)
                 for name in names[shift:] + names[:shift]:  # each variant goes first in turn
                     engine, joins = VARIANTS[name]
-                    write_params(project, args.raw.resolve(), args.images, engine)
+                    harness.write_params(
+                        project, raw=raw, view=None, images=args.images, tabulate__engine=engine
+                    )
                     out = project / "data" / "tables"
                     shutil.rmtree(out, ignore_errors=True)
                     env = {"RAY_ADDRESS": cluster.address if joins else ""}
-                    run = data_stages.run_tabulate(project, split, log, env=env)
+                    run = harness.run_tabulate(project, split, log, env=env)
                     runs[name].append(run)
                     print(
                         f"  round {round_number + 1}, {name:29}: {run.wall_s:5.1f} s, machine "
@@ -133,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     outputs[name] = tables(out)
-            start_stop = data_stages.measure(
+            start_stop = harness.measure(
                 [sys.executable, "-c", START_STOP], cwd=work, log=log, env={"RAY_ADDRESS": ""}
             )
     finally:
@@ -153,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.median(r.cpu_s + r.others_cpu_s for r in measured):.1f}",
             ]
         )
-    data_stages.print_table(
-        ["engine", "best s", "median s", "rows/s", "machine CPU s (median)"], rows
-    )
+    harness.print_table(["engine", "best s", "median s", "rows/s", "machine CPU s (median)"], rows)
     print(
         f"\nStarting a local Ray and stopping it, with no work (ray.init, Ray Data's first "
         f"dataset, ray.shutdown): {start_stop.wall_s:.1f} s"
@@ -166,22 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     own = medians["ray, starting its own Ray"]
     print()
     identical = all(outputs[name] == outputs["local"] for name in VARIANTS)
-    data_stages.check(
+    targets = harness.Targets()
+    targets.check(
         "tables byte-identical across engines",
         identical,
         f"{len(outputs['local'])} files of each of {len(VARIANTS)} runs compared",
     )
     ratio = joined / local
-    data_stages.check(
+    targets.check(
         "ray tabulate at most 2x the local engine's wall time (joining a running Ray)",
         ratio <= 2.0,
         f"{ratio:.2f}x ({joined:.1f} s against {local:.1f} s, medians)",
     )
-    print(
-        f"  [info] ray starting its own Ray for the run: {own / local:.2f}x ({own:.1f} s; "
+    targets.info(
+        f"ray starting its own Ray for the run: {own / local:.2f}x ({own:.1f} s; "
         f"{start_stop.wall_s:.1f} s of it is Ray's start and stop, measured alone)"
     )
-    return 0 if identical and ratio <= 2.0 else 1
+    return targets.summary()
 
 
 if __name__ == "__main__":

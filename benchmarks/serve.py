@@ -24,7 +24,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -36,33 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # imgpipe and benchmarks
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-CHECKED: list[tuple[str, bool, str]] = []
-
-
-def check(label: str, ok: bool, detail: str) -> None:
-    CHECKED.append((label, ok, detail))
-    print(f"  [{'met' if ok else 'MISSED'}] {label}: {detail}")
-
-
-def machine() -> str:
-    """CPU model, cores and the flags that matter."""
-    model = platform.processor() or "unknown CPU"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-            elif line.startswith("flags"):
-                flags = set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS)
-    return f"{model}, {os.cpu_count()} cores; {shown}"
-
+from benchmarks import harness
+from benchmarks.harness import REPO
 
 # --------------------------------------------------------------------------- requests
 
@@ -172,14 +148,14 @@ def log_model(model_dir: Path, store: Path) -> str:
     import mlflow
 
     from imgpipe.model_folder import ModelFolder
-    from imgpipe.tracking import _log_pyfunc_model
+    from imgpipe.tracking.pyfunc import log_pyfunc_model
 
     folder = ModelFolder(model_dir)
     meta = folder.meta()
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
     mlflow.set_experiment("serve-benchmark")
     with mlflow.start_run():
-        info = _log_pyfunc_model(folder.weights_path(meta), model_dir / "meta.json")
+        info = log_pyfunc_model(folder.weights_path(meta), model_dir / "meta.json")
     return info.model_uri
 
 
@@ -310,7 +286,7 @@ def predict_loop_rate(model_dir: Path, paths: list[Path], batch_size: int = 64) 
 
 def image_paths(folder: Path, limit: int) -> list[Path]:
     """Up to `limit` image files under folder, sorted, alternating between its class folders."""
-    from imgpipe.predict import iter_image_paths
+    from imgpipe.batch_predict import iter_image_paths
 
     paths = list(iter_image_paths([folder]))
     by_class: dict[Path, list[Path]] = {}
@@ -348,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    print(f"machine: {machine()}")
+    harness.print_machine("tensorflow", "keras")
     print(f"model: {args.model} ; images: {len(pool)} files from {args.images}")
     print(f"MLflow {mlflow.__version__}; clients: {args.clients} threads in this process")
     predict_rate = predict_loop_rate(args.model, paths)
@@ -413,34 +389,34 @@ def main(argv: list[str] | None = None) -> int:
         f"server memory: {rss_before:,.0f} MB before the hostile requests, {rss_after:,.0f} after"
     )
     print()
+    targets = harness.Targets()
     ratio = results[32].images / results[32].seconds / predict_rate
-    check(
+    targets.check(
         "32-image requests at least 80% of imgpipe-predict's images/s",
         ratio >= 0.8,
         f"{ratio:.0%} ({results[32].images / results[32].seconds:,.0f} vs {predict_rate:,.0f})",
     )
     p99 = results[1].percentile(99)
-    check(
+    targets.check(
         f"p99 of 1-image requests from {args.clients} clients under 150 ms",
         p99 < 150,
         f"{p99:.1f} ms",
     )
     errors = sum(result.errors for result in results.values())
-    check("no errors on valid requests", errors == 0, f"{errors} errors")
+    targets.check("no errors on valid requests", errors == 0, f"{errors} errors")
     bad = [hostile.name for hostile, _, _, verdict, _ in verdicts if verdict is not None]
-    check(
+    targets.check(
         "every hostile request answered without a crash or a stack trace",
         not bad and still_answers,
         f"{len(verdicts) - len(bad)}/{len(verdicts)} good; server still answers: {still_answers}",
     )
     growth = rss_after - rss_before
-    check(
+    targets.check(
         "memory bounded: under 1 GB growth over the hostile requests",
         growth < 1000,
         f"{growth:+,.0f} MB",
     )
-    missed = [label for label, ok, _ in CHECKED if not ok]
-    return 1 if missed else 0
+    return targets.summary()
 
 
 if __name__ == "__main__":

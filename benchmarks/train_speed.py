@@ -22,9 +22,7 @@ status is 1 when one is missed.
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # imgpipe and benchmarks
 
-import data_stages  # the benchmarks' shared helpers: a project, split, tabulate
+from benchmarks import harness
+from benchmarks.harness import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-# The reference CNN (README "Presets" has it as `dvc exp run -S` values): the default that
+# The reference CNN (docs/presets.md has it as `dvc exp run -S` values): the default that
 # scored 0.828 on the full data, kept reachable whatever the default becomes.
 REFERENCE = {
     "stem": "none",
@@ -63,33 +61,6 @@ REFERENCE = {
 }
 AUTO = "params.yaml's cnn, as auto trains it"
 PARTS = 5  # slices of an epoch, timed in turn (see epoch_seconds)
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-CHECKED: list[tuple[str, bool, str]] = []
-
-
-def machine() -> str:
-    """CPU model, cores, the flags that matter, TensorFlow and Keras versions."""
-    import keras
-    import tensorflow as tf
-
-    from imgpipe.keras_models import cpu_flags
-    from imgpipe.runtime import cpu_count
-
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags()
-    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS)
-    gpus = len(tf.config.list_physical_devices("GPU"))
-    return (
-        f"{model}, {cpu_count()} cores, {gpus} GPU(s); {shown}; "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
-    )
 
 
 def forward_flops(model: Any) -> int:
@@ -140,7 +111,7 @@ def warm_model(section: Any, data: Any, precision: str) -> tuple[Any, Any]:
     `train_on_batch` traces) once per training run, and that one-off trace, seconds for a deep
     graph, is not part of an epoch's time.
     """
-    from imgpipe.keras_models import in_memory_batches, seed_everything
+    from imgpipe.keras_training import in_memory_batches, seed_everything
     from imgpipe.registry import model_type
 
     seed_everything(0)
@@ -222,7 +193,7 @@ def step_breakdown(
     import numpy as np
     import tensorflow as tf
 
-    from imgpipe.keras_models import epoch_order
+    from imgpipe.keras_training import epoch_order
     from imgpipe.registry import model_type
 
     size = section.batch_size
@@ -276,44 +247,31 @@ def step_breakdown(
     return parts
 
 
-def check(label: str, ok: bool, detail: str) -> None:
-    CHECKED.append((label, ok, detail))
-    print(f"  [{'met' if ok else 'MISSED'}] {label}: {detail}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--raw", type=Path, default=data_stages.DEFAULT_RAW)
-    parser.add_argument(
-        "--images", type=int, default=None, help="images in all (default: all 20,000)"
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=3,
-        help="timed epochs of each net, in turn (each fifth's best counts)",
+    parser = harness.argument_parser(
+        __doc__,
+        repeats=3,
+        repeats_help="timed epochs of each net, in turn (each fifth's best counts)",
     )
     args = parser.parse_args(argv)
-    if not args.raw.exists():
-        raise SystemExit(f"{args.raw} not found: pass --raw (a zip or a folder of class folders)")
-    print(f"machine: {machine()}", flush=True)
+    raw = harness.existing_raw(args.raw)
+    harness.print_machine("tensorflow", "keras")
 
-    from imgpipe.keras_models import bfloat16_hardware
     from imgpipe.models.cnn import CnnParams
     from imgpipe.params import load_params
+    from imgpipe.precision import bfloat16_hardware, choose_precision
     from imgpipe.registry import TrainingData, model_type
     from imgpipe.tables import read_table
 
     with tempfile.TemporaryDirectory(prefix="imgpipe-train-speed-") as work:
-        project = Path(work) / "project"
-        view = data_stages.View(64, "rgb")
-        data_stages.write_params(project, raw=args.raw.resolve(), view=view, images=args.images)
-        log = Path(work) / "stages.log"
-        data_stages.run_split(project, log)
-        data_stages.run_tabulate(project, project / "data" / "split", log)
-        tables = project / "data" / "tables" / view.name
+        view = harness.View(64, "rgb")
+        tables = harness.tabulated_project(
+            Path(work) / "project",
+            Path(work) / "stages.log",
+            raw=raw,
+            view=view,
+            images=args.images,
+        )
         train = read_table(tables / "train.parquet", with_sources=False)
     data = TrainingData(
         train.pixels, train.labels, train.pixels[:0], train.labels[:0], len(train.class_names)
@@ -322,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     current = load_params(REPO / "params.yaml").cnn
     reference = CnnParams.model_validate({**current.model_dump(), **REFERENCE}, strict=False)
-    choice = model_type("cnn").choose_precision(current, data, bfloat16_hardware())
+    choice = choose_precision(model_type("cnn"), current, data, bfloat16_hardware())
     print(
         f"params.yaml's cnn: precision {current.precision} -> {choice.precision} ({choice.reason})"
     )
@@ -370,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{results[name]['x_e_ref']:.1f}",
             ]
         )
-    data_stages.print_table(
+    harness.print_table(
         [
             "CNN",
             "precision",
@@ -416,28 +374,27 @@ def main(argv: list[str] | None = None) -> int:
     float32 = results[default]
     budget = float32["x_e_ref"]
     print(f"\nE_ref = {e_ref:.1f} s on this machine\ntargets:")
-    check(
+    targets = harness.Targets()
+    targets.check(
         "train@cnn within 20 x E_ref, float32 forced (epochs x epoch time, validation not counted)",
         budget <= 20,
         f"{budget:.1f} x E_ref",
     )
     ratio = float32["utilisation"] / reference_use
-    check(
+    targets.check(
         "params.yaml's cnn's training utilisation at least 1.5x the reference's (both float32)",
         ratio >= 1.5,
         f"{ratio:.2f}x ({100 * float32['utilisation']:.1f}% against {100 * reference_use:.1f}%)",
     )
     if AUTO in results:
         auto = results[AUTO]
-        print(
-            f"  [info] in {choice.precision}, as `auto` trains here: "
+        targets.info(
+            f"in {choice.precision}, as `auto` trains here: "
             f"{auto['x_e_ref']:.1f} x E_ref; utilisation "
             f"{100 * auto['utilisation']:.1f}% of the {choice.precision} peak, "
             f"{auto['utilisation'] / reference_use:.2f}x the reference's share of the float32 peak"
         )
-    missed = [label for label, ok, _ in CHECKED if not ok]
-    print(f"{len(CHECKED) - len(missed)} of {len(CHECKED)} targets met")
-    return 1 if missed else 0
+    return targets.summary()
 
 
 if __name__ == "__main__":

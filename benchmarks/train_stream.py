@@ -41,19 +41,13 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # imgpipe and benchmarks
 
-import data_stages  # the benchmarks' shared helpers: a project, split, tabulate, measuring
+from benchmarks import harness
+from benchmarks.harness import View
 
-REPO = Path(__file__).resolve().parents[1]
-VIEWS = {"rgb32": data_stages.View(32, "rgb"), "gray96": data_stages.View(96, "grayscale")}
+VIEWS = {"rgb32": View(32, "rgb"), "gray96": View(96, "grayscale")}
 SCALE = 10  # the synthetic tables: the real rows, this many times over
-CHECKED: list[tuple[str, bool, str]] = []
-
-
-def check(label: str, ok: bool, detail: str) -> None:
-    CHECKED.append((label, ok, detail))
-    print(data_stages.check_line(label, ok, detail), flush=True)
 
 
 # --------------------------------------------------------------------------- child processes
@@ -103,7 +97,6 @@ def child_train(project: Path, tables: Path, streamed: bool, result: Path) -> No
 
 def child_epochs(project: Path, tables: Path, repeats: int, result: Path) -> None:
     """One untimed epoch of each feed, then `repeats` timed epochs of each, interleaved."""
-    from imgpipe.keras_models import seed_everything
     from imgpipe.registry import model_type
 
     dense = model_type("dense")
@@ -115,14 +108,7 @@ def child_epochs(project: Path, tables: Path, repeats: int, result: Path) -> Non
     }
     models, targets = {}, {}
     for name, data in feeds.items():
-        seed_everything(params.train.seed)
-        models[name] = dense.compiled_model(
-            section,
-            data.image_shape,
-            data.num_classes,
-            train_size=data.train_size,
-            precision="float32" if section.precision == "auto" else section.precision,
-        )
+        models[name] = harness.fresh_model("dense", section, data, seed=params.train.seed)
         targets[name] = (
             dense.targets(section, data.y_train, data.num_classes),
             dense.targets(section, data.y_val, data.num_classes),
@@ -167,20 +153,15 @@ def run_child(mode: str, project: Path, tables: Path, work: Path, *extra: str):
     result = work / f"result-{time.monotonic_ns()}.json"
     command = [sys.executable, __file__, mode, "--project", project, "--tables", tables]
     command += ["--result", result, *extra]
-    env = {**data_stages.stage_env(), "CI": "1"}
-    run = data_stages.measure(command, cwd=project, log=work / "children.log", env=env)
+    env = {**harness.stage_env(), "CI": "1"}
+    run = harness.measure(command, cwd=project, log=work / "children.log", env=env)
     return run, json.loads(result.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.argument_parser(__doc__, repeats=7, repeats_help="timed epochs of each feed")
     parser.add_argument("mode", nargs="?", default="all", choices=("all", "train", "epochs"))
-    parser.add_argument("--raw", type=Path, default=data_stages.DEFAULT_RAW)
-    parser.add_argument("--images", type=int, default=None, help="real images (default: all)")
     parser.add_argument("--view", choices=sorted(VIEWS), default="rgb32")
-    parser.add_argument("--repeats", type=int, default=7, help="timed epochs of each feed")
     # the child processes' arguments
     parser.add_argument("--project", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tables", type=Path, help=argparse.SUPPRESS)
@@ -193,24 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "epochs":
         child_epochs(args.project, args.tables, args.repeats, args.result)
         return 0
-    if not args.raw.exists():
-        raise SystemExit(f"{args.raw} not found: pass --raw (a zip or a folder of class folders)")
-
-    from train_speed import machine
+    raw = harness.existing_raw(args.raw)
 
     from imgpipe.params import load_params
     from imgpipe.tables import table_info
 
-    print(f"machine: {machine()}", flush=True)
+    harness.print_machine("tensorflow", "keras")
     view = VIEWS[args.view]
     with tempfile.TemporaryDirectory(prefix="imgpipe-train-stream-") as folder:
         work = Path(folder)
         project = work / "project"
-        data_stages.write_params(project, raw=args.raw.resolve(), view=view, images=args.images)
-        log = work / "stages.log"
-        data_stages.run_split(project, log)
-        data_stages.run_tabulate(project, project / "data" / "split", log)
-        real = project / "data" / "tables" / view.name
+        real = harness.tabulated_project(
+            project, work / "stages.log", raw=raw, view=view, images=args.images
+        )
         params = load_params(project / "params.yaml")
         dense = params.dense
         shape, _, _, train_rows = table_info(real / "train.parquet")
@@ -240,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, times in epochs.items()
         ]
         headers = ("fed from", "best epoch s", "median s", "train images/s", "each epoch s")
-        data_stages.print_table(headers, rows)
+        harness.print_table(headers, rows)
 
         synthetic = work / "synthetic"
         synthetic_tables(real, synthetic, SCALE, params.tabulate.rows_per_group)
@@ -269,27 +245,26 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"  {feed}, {count:,} images: done", flush=True)
         headers = ("tables", "images", "train rows", "peak RSS MB", "train s", "process s")
-        data_stages.print_table(headers, rows)
+        harness.print_table(headers, rows)
 
     print(f"\ntargets (stated for 20,000 images{'' if args.images is None else '; not these'}):")
+    targets = harness.Targets()
     ratio = min(epochs["streamed"]) / min(epochs["in memory"])
-    check(
+    targets.check(
         "a streamed epoch within 10% of an in-memory one",
         ratio <= 1.10,
         f"{ratio:.3f}x (best epochs: {min(epochs['streamed']):.2f} s against "
         f"{min(epochs['in memory']):.2f} s)",
     )
     growth = peaks[True, images * SCALE] / peaks[True, images]
-    check(
+    targets.check(
         f"streamed training's peak RSS within 25% from {images:,} to {images * SCALE:,} images",
         growth <= 1.25,
         f"{growth:.3f}x ({peaks[True, images] / 1e6:,.0f} MB to "
         f"{peaks[True, images * SCALE] / 1e6:,.0f} MB; read whole: "
         f"{peaks[False, images] / 1e6:,.0f} MB to {peaks[False, images * SCALE] / 1e6:,.0f} MB)",
     )
-    missed = [label for label, ok, _ in CHECKED if not ok]
-    print(f"{len(CHECKED) - len(missed)} of {len(CHECKED)} targets met")
-    return 1 if missed else 0
+    return targets.summary()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgpipe.tables import (
-    ParquetBatches,
     TableWriter,
     read_table,
     record_batch,
@@ -204,56 +203,6 @@ def test_record_batch_accepts_non_contiguous_pixels(tmp_path: Path) -> None:
     with TableWriter(path, schema) as writer:
         writer.write(record_batch(schema, flipped, np.zeros(4, np.int16), ["s"] * 4))
     np.testing.assert_array_equal(read_table(path).pixels, flipped)
-
-
-def _rows_of(batches: ParquetBatches) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """One epoch: all pixels, all labels, and each batch's size."""
-    pixels, labels = zip(*(batches[i] for i in range(len(batches))), strict=True)
-    return np.concatenate(pixels), np.concatenate(labels), [len(b) for b in labels]
-
-
-def test_parquet_batches_without_seed_stream_the_table_in_order(tmp_path: Path) -> None:
-    path = tmp_path / "t.parquet"
-    pixels, labels, _ = _write(path, (3, 2, 1), [7, 7, 3])
-    batches = ParquetBatches(path, batch_size=3)
-    assert batches.shape == (3, 2, 1)
-    assert batches.class_names == CLASS_NAMES
-    assert len(batches) == 3 + 3 + 1  # batches never straddle row groups
-    got_pixels, got_labels, sizes = _rows_of(batches)
-    assert sizes == [3, 3, 1, 3, 3, 1, 3]
-    np.testing.assert_array_equal(got_pixels, pixels)
-    np.testing.assert_array_equal(got_labels, labels)
-    assert got_pixels.dtype == np.uint8 and got_labels.dtype == np.int64
-    batches.on_epoch_end()
-    np.testing.assert_array_equal(_rows_of(batches)[0], pixels)  # same order every epoch
-    with pytest.raises(IndexError):
-        batches[len(batches)]
-
-
-def test_parquet_batches_with_seed_shuffle_each_epoch_and_keep_pairs(tmp_path: Path) -> None:
-    path = tmp_path / "t.parquet"
-    shape = (4, 4, 3)
-    pixels, labels, _ = _write(path, shape, [16, 16, 16, 5])
-    by_image = {p.tobytes(): label for p, label in zip(pixels, labels, strict=True)}
-    batches = ParquetBatches(path, batch_size=8, seed=7)
-    epochs = []
-    for _ in range(3):
-        got_pixels, got_labels, _ = _rows_of(batches)
-        assert sorted(p.tobytes() for p in got_pixels) == sorted(by_image)  # each row once
-        assert all(by_image[p.tobytes()] == y for p, y in zip(got_pixels, got_labels, strict=True))
-        epochs.append(got_pixels)
-        batches.on_epoch_end()
-    assert not np.array_equal(epochs[0], epochs[1])
-    assert not np.array_equal(epochs[0], pixels)
-    again = ParquetBatches(path, batch_size=8, seed=7)  # the same seed, the same order
-    np.testing.assert_array_equal(_rows_of(again)[0], epochs[0])
-
-
-def test_parquet_batches_of_an_empty_table(tmp_path: Path) -> None:
-    path = tmp_path / "empty.parquet"
-    with TableWriter(path, table_schema((2, 2, 1), CLASS_NAMES, "v")):
-        pass
-    assert len(ParquetBatches(path, batch_size=4, seed=0)) == 0
 
 
 def test_record_batch_equals_the_plain_pyarrow_batch() -> None:
