@@ -142,7 +142,7 @@ class RawSource:
         if not self.root.exists():
             raise FileNotFoundError(
                 f"raw data {self.root} does not exist: set data.raw in params.yaml to a zip "
-                "or a folder of class folders (see README 'Running on Kaggle data')"
+                "or a folder of class folders (see README 'Running on Kaggle's Dogs vs. Cats')"
             )
         self.is_zip = self.root.is_file()
         self._zip: zipfile.ZipFile | None = None

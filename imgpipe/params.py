@@ -126,7 +126,7 @@ class PipelineParams(Section):
             if model_name not in known:
                 raise ValueError(
                     f"models.{model_name}: unknown model; known models: {', '.join(known)} "
-                    "(README 'Adding a model' says how to add one)"
+                    "(docs/architecture.md 'Adding a model' says how to add one)"
                 )
             if view_name not in self.views:
                 raise ValueError(
@@ -167,7 +167,7 @@ def _format_error(error: dict[str, Any], raw: dict[str, Any]) -> str:
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         parent = _lookup_model(error["loc"][:-1])
-        valid = ", ".join(parent.model_fields) if parent else "see README"
+        valid = ", ".join(parent.model_fields) if parent else "see docs/params.md"
         return f"{location}: unknown key (valid keys here: {valid})"
     if error["type"] == "missing":
         return f"{location}: required key is missing"
@@ -210,8 +210,8 @@ def parse_params(raw: dict[str, Any]) -> Params:
         problems = "\n".join(f"  - {_format_error(e, raw)}" for e in error.errors())
         raise ParamsError(
             f"params.yaml has {error.error_count()} problem(s):\n{problems}\n"
-            "Fix them in params.yaml (or in your `dvc exp run -S` values); README.md "
-            "'Params reference' lists every key."
+            "Fix them in params.yaml (or in your `dvc exp run -S` values); docs/params.md "
+            "lists every key."
         ) from None
 
 

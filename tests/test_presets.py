@@ -1,28 +1,26 @@
-"""The README's presets are valid `dvc exp run -S` values, and the reference CNN preset is the one
-benchmarks/train_speed.py times as E_ref."""
+"""The presets of docs/presets.md are valid `dvc exp run -S` values, and the reference CNN preset is
+the one benchmarks/train_speed.py times as E_ref."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
 import shlex
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from imgpipe.params import parse_params
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def readme_presets() -> dict[str, list[str]]:
-    """Each `dvc exp run` command of README 'Presets', by its comment, as its -S values."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = text.split("## Presets", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+def documented_presets() -> dict[str, list[str]]:
+    """Each `dvc exp run` command of docs/presets.md's bash blocks, by its comment, as -S values."""
+    text = (ROOT / "docs" / "presets.md").read_text(encoding="utf-8")
+    blocks = [part.split("```", 1)[0] for part in text.split("```bash")[1:]]
     presets: dict[str, list[str]] = {}
     comment = ""
-    for command in block.replace("\\\n", " ").splitlines():
+    for command in "\n".join(blocks).replace("\\\n", " ").splitlines():
         if command.startswith("#"):
             comment = command.lstrip("# ")
         elif command.startswith("dvc exp run"):
@@ -47,7 +45,7 @@ def apply(values: list[str]) -> dict[str, Any]:
 
 
 def test_every_preset_is_valid() -> None:
-    presets = readme_presets()
+    presets = documented_presets()
     assert len(presets) >= 4
     for comment, values in presets.items():
         assert values, comment
@@ -61,14 +59,14 @@ def test_the_reference_preset_is_what_the_benchmark_times() -> None:
     assert spec is not None and spec.loader is not None
     train_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_speed)
-    (reference,) = [v for c, v in readme_presets().items() if re.search(r"reference CNN", c)]
+    (reference,) = [v for c, v in documented_presets().items() if re.search(r"reference CNN", c)]
     cnn = parse_params(apply(reference)).cnn.model_dump()
     assert {key: cnn[key] for key in train_speed.REFERENCE} == train_speed.REFERENCE
 
 
 def test_the_dense_tutorial_preset_is_the_tutorials_optimizer() -> None:
     """Adamax at 0.001 with exponential decay and no weight decay, whatever the defaults are."""
-    (values,) = [v for c, v in readme_presets().items() if c.startswith("the dense tutorial")]
+    (values,) = [v for c, v in documented_presets().items() if c.startswith("the dense tutorial")]
     params = parse_params(apply(values))
     dense, twin = params.dense, params.numpy_mlp
     assert (dense.optimizer, dense.learning_rate, dense.weight_decay) == ("adamax", 0.001, 0.0)
