@@ -1,5 +1,5 @@
-"""Helpers for the team tests: a small git + DVC project of raw digits, commands that fail the
-test with their output, servers started on 127.0.0.1 and always stopped, Debian's Chromium."""
+"""Helpers for the team tests: a small git + DVC project of raw digits, servers started on
+127.0.0.1 and always stopped, Debian's Chromium."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,32 +19,10 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
-from tests.support import command_env
+from tests.support import command_env, copy_project, run, small_params
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODELS = ("dense", "numpy_mlp", "logreg")
 PER_CLASS = 30  # raw digits per class: 300 images, 30 of them test images
-
-
-def run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
-    """Run a command, fail the test with its output if it fails, return stdout+stderr."""
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
-    return output
-
-
-def stages_run(output: str) -> set[str]:
-    """Stage names that `dvc repro` / `dvc exp run` output says it ran."""
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http_ok(url: str) -> bool:
@@ -100,19 +76,6 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
-def small_params(path: Path, models: tuple[str, ...] = MODELS) -> None:
-    """Cheap models (dense, numpy_mlp, logreg or some of them) on one 16x16 view of the raw
-    digits."""
-    params = yaml.safe_load(path.read_text())
-    params["data"]["raw"] = "data/raw/digits"
-    params["views"] = {"gray16": {"height": 16, "width": 16, "color": "grayscale"}}
-    params["models"] = dict.fromkeys(models, "gray16")
-    params["dense"].update(hidden_units=[32], epochs=3, learning_rate=0.01)
-    params["numpy_mlp"].update(hidden_units=[32], epochs=3, learning_rate=0.01)
-    params["tabulate"]["workers"] = 2
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def write_raw_digits(folder: Path) -> int:
     """The first PER_CLASS of scikit-learn's digits of each class as PNG class folders."""
     from imgpipe.demo import digits_images, png_bytes
@@ -130,17 +93,12 @@ def write_raw_digits(folder: Path) -> int:
 def make_project(origin: Path, *, models: tuple[str, ...] = MODELS) -> int:
     """A git repository at origin holding the project's code, small params (only `models`)
     and `dvc add`ed raw digits, committed; returns the number of raw images."""
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
-        shutil.copy(ROOT / name, origin / name)
-    for folder in ("stages", "imgpipe"):
-        ignore = shutil.ignore_patterns("__pycache__")
-        shutil.copytree(ROOT / folder, origin / folder, ignore=ignore)
-    (origin / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", origin / ".dvc" / "config")
-    shutil.copy(ROOT / ".dvc" / ".gitignore", origin / ".dvc" / ".gitignore")
-    # .dvc/config names it: `dvc plots show` draws offline with it
-    shutil.copy(ROOT / ".dvc" / "plots-template.html", origin / ".dvc" / "plots-template.html")
-    small_params(origin / "params.yaml", models)
+    copy_project(origin)
+    # cheap models (dense, numpy_mlp, logreg or some of them) on one 16x16 view
+    params = small_params(origin / "params.yaml", dict.fromkeys(models, "gray16"), epochs=3)
+    params["data"]["raw"] = "data/raw/digits"
+    params["tabulate"]["workers"] = 2
+    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     raw_files = write_raw_digits(origin / "data" / "raw" / "digits")
     env = command_env()
     run(["git", "init", "-q", "-b", "main"], origin, env)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from imgpipe.classifier import Classifier
 from imgpipe.model_folder import META_FILE, ModelMeta
-from imgpipe.models.numpy_mlp import NumpyMLP
+from imgpipe.numpy_net import NumpyMLP
 from imgpipe.params import load_params
 from imgpipe.registry import model_type
 from imgpipe.runtime import StageError

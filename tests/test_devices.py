@@ -9,8 +9,6 @@ TensorFlow on one device.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from imgpipe.keras_models import DevicePlan, plan_devices
-from imgpipe.params import Params, ParamsError, load_params, parse_params
+from imgpipe.devices import DevicePlan, plan_devices
+from imgpipe.params import Params, ParamsError, parse_params
 from imgpipe.registry import model_type
 from imgpipe.runtime import StageError
-from tests.support import fit
+from tests.support import ROOT, checkout_env, digits_split, fit, run
 
-ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_VAL = 1024, 512  # both multiples of the batch: every batch splits 16 + 16
 
 
@@ -69,10 +66,9 @@ def test_a_count_takes_the_first_gpus_or_splits_the_cpu(
 def test_more_devices_than_gpus_is_an_error_saying_how_many_there_are(
     count: int, gpus: int
 ) -> None:
-    with pytest.raises(StageError) as raised:
+    with pytest.raises(StageError, match=rf"train\.devices is {count}") as raised:
         plan_devices(count, gpus, batch_size=64)
     message = str(raised.value)
-    assert f"train.devices is {count}" in message
     assert f"this machine has {gpus} GPU" in message
     assert "auto" in message
 
@@ -84,11 +80,11 @@ def test_more_devices_than_gpus_is_an_error_saying_how_many_there_are(
 def test_a_batch_that_does_not_split_evenly_over_the_devices_is_an_error(
     devices: str | int, gpus: int, batch_size: int, suggested: str
 ) -> None:
-    with pytest.raises(StageError) as raised:
+    with pytest.raises(
+        StageError, match=f"batch_size {batch_size} does not split evenly"
+    ) as raised:
         plan_devices(devices, gpus, batch_size=batch_size)  # type: ignore[arg-type]
-    message = str(raised.value)
-    assert f"batch_size {batch_size} does not split evenly" in message
-    assert f"({suggested})" in message
+    assert f"({suggested})" in str(raised.value)
     fitting = int(suggested.split()[-1])  # the suggestion is taken
     assert plan_devices(devices, gpus, batch_size=fitting).replicas > 1  # type: ignore[arg-type]
 
@@ -96,11 +92,11 @@ def test_a_batch_that_does_not_split_evenly_over_the_devices_is_an_error(
 @pytest.mark.parametrize("bad", ["all", 0, -1, "2", 1.5, True, None])
 def test_train_devices_is_auto_or_a_count(repo_params: dict[str, Any], bad: object) -> None:
     repo_params["train"]["devices"] = bad
-    with pytest.raises(ParamsError) as raised:
+    with pytest.raises(
+        ParamsError, match=r"train\.devices: must be auto or a number of devices"
+    ) as raised:
         parse_params(repo_params)
-    message = str(raised.value)
-    assert "train.devices: must be auto or a number of devices" in message
-    assert message.count("train.devices") == 1  # one line, not one per type it could be
+    assert str(raised.value).count("train.devices") == 1  # one line, not one per type it could be
     for good in ("auto", 1, 4):
         repo_params["train"]["devices"] = good
         assert parse_params(repo_params).train.devices == good
@@ -110,27 +106,10 @@ def test_train_devices_is_auto_or_a_count(repo_params: dict[str, Any], bad: obje
 
 
 @pytest.fixture(scope="module")
-def params(repo_root: Path) -> Params:
-    """The repository's params.yaml, validated."""
-    return load_params(repo_root / "params.yaml")
-
-
-@pytest.fixture(scope="module")
 def digits() -> dict[str, np.ndarray]:
-    """Scikit-learn's digits as uint8 images (N, 8, 8, 1), N_TRAIN to train and N_VAL to
-    validate on."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = np.round(data.images * (255 / 16)).astype(np.uint8)[..., None]  # (1797, 8, 8, 1)
-    order = np.random.default_rng(0).permutation(len(data.target))
-    images, labels = images[order], data.target[order]
-    return {
-        "x_train": images[:N_TRAIN],
-        "y_train": labels[:N_TRAIN],
-        "x_val": images[N_TRAIN : N_TRAIN + N_VAL],
-        "y_val": labels[N_TRAIN : N_TRAIN + N_VAL],
-    }
+    """conftest's digits cut to N_TRAIN to train on and N_VAL to validate on, both multiples of
+    the batch (overrides conftest's digits in this module)."""
+    return digits_split(N_TRAIN, N_VAL)
 
 
 @pytest.fixture(scope="module")
@@ -236,25 +215,17 @@ def two_devices(
     np.savez(folder / "digits.npz", **digits)
     dumped = {name: section.model_dump() for name, section in sections.items()}
     (folder / "sections.json").write_text(json.dumps(dumped))
-    done = subprocess.run(
+    output = run(
         [sys.executable, "-c", _TWO_DEVICE_TRAINING, str(folder)],
-        cwd=ROOT,
-        env={**_env(), "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
-        capture_output=True,
-        text=True,
+        ROOT,
+        checkout_env(TF_CPP_MIN_LOG_LEVEL="3"),
         timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
     assert "training data-parallel on 2 devices (/cpu:0, /cpu:1) with MirroredStrategy: " in (
-        done.stderr
+        output
     )
-    assert "global batch 32, 16 per device" in done.stderr
+    assert "global batch 32, 16 per device" in output
     return folder, json.loads((folder / "report.json").read_text())
-
-
-def _env() -> dict[str, str]:
-    """This environment without MLflow or DVC settings."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
 
 
 @pytest.mark.slow
@@ -396,16 +367,9 @@ def test_streamed_tables_train_on_two_devices_as_on_one(
     for devices in (1, 2):
         raw["train"]["devices"] = devices
         (tmp_path / "params.yaml").write_text(json.dumps(raw))  # JSON is YAML
-        done = subprocess.run(
-            [*command, "--out", f"models/{devices}"],
-            cwd=tmp_path,
-            env={**_env(), "PYTHONPATH": str(ROOT), "CI": "1"},
-            capture_output=True,
-            text=True,
-            timeout=600,
+        logs[devices] = run(
+            [*command, "--out", f"models/{devices}"], tmp_path, checkout_env(CI="1"), timeout=600
         )
-        assert done.returncode == 0, done.stderr[-4000:]
-        logs[devices] = done.stderr
         history = json.loads((tmp_path / "models" / str(devices) / "history.json").read_text())
         histories[devices] = history["history"]
     assert "train table" in logs[2] and "streaming it by row group" in logs[2]

@@ -1,4 +1,4 @@
-"""Tests for the pure evaluation helpers on tiny in-memory arrays."""
+"""Tests for the pure evaluation helpers (metrics and figures) on tiny in-memory arrays."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgpipe.evaluation import (
-    classification_metrics,
-    confusion_png,
-    confusion_rows,
-    history_png,
-    micro_roc_rows,
-    prediction_grid_png,
-    roc_png,
-    roc_rows,
-)
+from imgpipe.figures import confusion_png, history_png, prediction_grid_png, roc_png
+from imgpipe.metrics import classification_metrics, confusion_rows, micro_roc_rows, roc_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BINARY_NAMES = ("cat", "dog")
@@ -163,19 +155,24 @@ def test_metrics_are_json_ready_and_limited_to_documented_keys(
 
 
 @pytest.mark.parametrize(
-    ("y_true", "proba", "names"),
+    ("y_true", "proba", "names", "error"),
     [
-        (np.array([0, 1]), _binary_proba([0.2, 0.8]), TERNARY_NAMES),  # names vs columns
-        (np.array([0, 1, 1]), _binary_proba([0.2, 0.8]), BINARY_NAMES),  # N mismatch
-        (np.array([0, 2]), _binary_proba([0.2, 0.8]), BINARY_NAMES),  # label out of range
-        (np.array([0, 1]), np.array([0.2, 0.8]), BINARY_NAMES),  # proba not 2-D
-        (np.array([0, 1]), np.array([[2.0, -1.0], [-0.5, 1.5]]), BINARY_NAMES),  # logits
+        (np.array([0, 1]), _binary_proba([0.2, 0.8]), TERNARY_NAMES, "3 class_names for 2 "),
+        (np.array([0, 1, 1]), _binary_proba([0.2, 0.8]), BINARY_NAMES, "has 3 samples but proba"),
+        (np.array([0, 2]), _binary_proba([0.2, 0.8]), BINARY_NAMES, r"outside 0\.\.1 "),
+        (np.array([0, 1]), np.array([0.2, 0.8]), BINARY_NAMES, r"must have shape \(N, K\)"),
+        (
+            np.array([0, 1]),
+            np.array([[2.0, -1.0], [-0.5, 1.5]]),  # logits
+            BINARY_NAMES,
+            "must be probabilities summing to 1",
+        ),
     ],
 )
 def test_metrics_reject_inconsistent_inputs(
-    y_true: np.ndarray, proba: np.ndarray, names: tuple[str, ...]
+    y_true: np.ndarray, proba: np.ndarray, names: tuple[str, ...], error: str
 ) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=error):
         classification_metrics(y_true, proba, names)
 
 
@@ -293,7 +290,7 @@ def test_prediction_grid_titles_are_green_when_right_and_red_when_wrong(
 
 def test_prediction_grid_png_rejects_mismatched_lengths() -> None:
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2 images but 1 true labels, 2 predicted labels"):
         prediction_grid_png(images, ["cat"], ["cat", "dog"], [0.9, 0.8], columns=2)
 
 

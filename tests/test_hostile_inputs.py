@@ -23,13 +23,21 @@ from PIL import Image
 
 from imgpipe import images
 from imgpipe.images import RawSource, check_image, printable
-from imgpipe.models.numpy_mlp import NumpyMLP
+from imgpipe.numpy_net import NumpyMLP
 from imgpipe.splitting import SPLITS
 from imgpipe.tables import read_table
-from tests.conftest import encode, exif_rotated_jpeg, make_image
-from tests.support import run_stage
+from tests.support import (
+    ROOT,
+    data_stage_params,
+    encode,
+    exif_rotated_jpeg,
+    load_repo_params,
+    make_image,
+    run_stage_in_process,
+    write_tree,
+    write_zip,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 NOT_UTF8 = os.fsdecode(b"caf\xe9-\xff.png")  # Linux allows any bytes in a name
 
 
@@ -72,6 +80,10 @@ BAD = {
     "stray.jpg": "class",
 }
 SYSTEM = (".DS_Store", "dog/.DS_Store", "dog/Thumbs.db", "__MACOSX/cat/._anim.gif", "cat/.hid.jpg")
+CORPUS_VIEWS = {
+    "gray8": {"height": 8, "width": 8, "color": "grayscale"},
+    "rgb20": {"height": 20, "width": 40, "color": "rgb"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -90,25 +102,16 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         **dict.fromkeys(SYSTEM, b"\x00\x05\x16\x07 clutter"),
         "fox/.DS_Store": b"a class folder with nothing but clutter",
     }
-    for relative, data in files.items():
-        path = raw / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    write_tree(raw, files)
     (raw / "owl").mkdir()  # a class folder with no files at all
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = data_stage_params(CORPUS_VIEWS, workers=2, rows_per_group=4)
     params["data"]["raw"] = str(raw)
     params["split"]["ratios"] = {"train": 0.5, "val": 0.25, "test": 0.25}
-    params["views"] = {
-        "gray8": {"height": 8, "width": 8, "color": "grayscale"},
-        "rgb20": {"height": 20, "width": 40, "color": "rgb"},
-    }
-    params["models"] = {"dense": "gray8", "cnn": "rgb20", "numpy_mlp": "gray8"}
-    params["tabulate"] = {"engine": "local", "workers": 2, "rows_per_group": 4}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(project)
-        run_stage("split", "--out", "split", "--report", "report.json")
-        run_stage("tabulate", "--split", "split", "--out", "tables")
+        run_stage_in_process("split", "--out", "split", "--report", "report.json")
+        run_stage_in_process("tabulate", "--split", "split", "--out", "tables")
     yield project, json.loads((project / "report.json").read_text())
 
 
@@ -164,13 +167,10 @@ def test_kaggle_zip_with_names_that_do_not_follow_the_pattern(
         "train/IMG_0001.JPG": make_image("rgb.jpg", 401),
         "__MACOSX/train/._cat.0.JPG": b"\x00\x05",
     }
-    archive = tmp_path / "train.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        for name, data in entries.items():
-            handle.writestr(name, data)
+    archive = write_zip(tmp_path / "train.zip", entries)
     write_params(tmp_path, archive)
     monkeypatch.chdir(tmp_path)
-    run_stage("split", "--out", "split", "--report", "report.json")
+    run_stage_in_process("split", "--out", "split", "--report", "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["classes"] == ["cat", "dog"]
     assert report["selected"] == 8
@@ -183,7 +183,7 @@ def test_kaggle_zip_with_names_that_do_not_follow_the_pattern(
 
 
 def write_params(folder: Path, raw: Path) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_repo_params()
     params["data"]["raw"] = str(raw)
     params["split"]["ratios"] = {"train": 0.5, "val": 0.25, "test": 0.25}
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
@@ -222,10 +222,9 @@ def test_archive_that_tries_to_escape_is_refused_and_nothing_written(
     write_params(project, archive)
     monkeypatch.chdir(project)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(SystemExit) as caught:
-        run_stage("split", "--out", "data/split", "--report", "data/split-report.json")
+    with pytest.raises(SystemExit, match=r"^\[split\] refusing") as caught:
+        run_stage_in_process("split", "--out", "data/split", "--report", "data/split-report.json")
     message = str(caught.value.code)
-    assert message.startswith("[split] refusing")
     assert reason in message and "Re-pack" in message
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
@@ -247,7 +246,7 @@ def test_zip_bomb_entry_is_skipped_without_being_read(
     assert archive.stat().st_size < 2**20
     write_params(tmp_path, archive)
     monkeypatch.chdir(tmp_path)
-    run_stage("split", "--out", "split", "--report", "report.json")
+    run_stage_in_process("split", "--out", "split", "--report", "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     skipped = {item["path"]: item["reason"] for item in report["skipped"]}
     assert list(skipped) == ["cat/bomb.bmp"]

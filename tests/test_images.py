@@ -168,7 +168,7 @@ def test_truncated_png_fails_the_check(image_bytes: dict[str, bytes]) -> None:
 
 
 def test_truncated_jpeg_cannot_be_decoded_either(corrupt_bytes: dict[str, bytes]) -> None:
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="image file is truncated"):  # Pillow's message
         decode_image(corrupt_bytes["truncated.jpg"], height=8, width=8, color="rgb")
 
 

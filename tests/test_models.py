@@ -10,22 +10,17 @@ import pytest
 from keras import layers
 
 from imgpipe.checkpoints import TrainingCheckpoint
-from imgpipe.keras_models import (
-    OPTIMIZERS,
-    KerasModelType,
-    bfloat16_hardware,
-    build_optimizer,
-    cpu_flags,
-    in_memory_batches,
-    seed_everything,
-)
+from imgpipe.keras_models import OPTIMIZERS, KerasModelType, build_optimizer
+from imgpipe.keras_training import in_memory_batches, seed_everything
 from imgpipe.models.cnn import CnnParams, custom_layers
 from imgpipe.models.dense import DenseParams
-from imgpipe.models.numpy_mlp import NumpyMLP, NumpyMlpParams
+from imgpipe.models.numpy_mlp import NumpyMlpParams
+from imgpipe.numpy_net import NumpyMLP
 from imgpipe.params import Params, load_params
+from imgpipe.precision import bfloat16_hardware, choose_precision, cpu_flags
 from imgpipe.registry import HISTORY_KEYS, ModelType, TrainingData, model_type, model_types
 from imgpipe.runtime import StageError
-from tests.support import fit
+from tests.support import ROOT, fit
 
 DENSE = model_type("dense")
 CNN = model_type("cnn")
@@ -53,12 +48,6 @@ EVERY_AUGMENT = {
 # measured after 3 epochs on digits: val accuracy 0.94-0.97 (dense) and 0.94 (numpy_mlp) over
 # 3 seeds, against 0.1 for guessing; the threshold keeps a wide margin
 MIN_VAL_ACCURACY = 0.8
-
-
-@pytest.fixture(scope="module")
-def params(repo_root: Path) -> Params:
-    """The repository's params.yaml, validated."""
-    return load_params(repo_root / "params.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +386,7 @@ def test_model_type_rejects_unknown_names_listing_the_known_ones(name: str) -> N
 
 def params_of(name: str) -> object:
     """A model's section of the repository's params.yaml."""
-    return load_params(Path(__file__).resolve().parents[1] / "params.yaml").model_section(name)
+    return load_params(ROOT / "params.yaml").model_section(name)
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -560,24 +549,6 @@ def test_every_optimizer_name_in_params_is_a_keras_optimizer() -> None:
 
 
 # --------------------------------------------------------------------------- training
-
-
-@pytest.fixture(scope="module")
-def digits() -> dict[str, np.ndarray]:
-    """Scikit-learn's digits as uint8 images (N, 8, 8, 1) in 0..255, split into train / val."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = np.round(data.images * (255 / 16)).astype(np.uint8)[..., None]  # (1797, 8, 8, 1)
-    order = np.random.default_rng(0).permutation(len(data.target))
-    images, labels = images[order], data.target[order]
-    n_train = 1400
-    return {
-        "x_train": images[:n_train],
-        "y_train": labels[:n_train],
-        "x_val": images[n_train:],
-        "y_val": labels[n_train:],
-    }
 
 
 class EpochRecorder:
@@ -789,12 +760,12 @@ def test_auto_precision_is_float32_untimed_where_bfloat16_would_be_emulated(
 ) -> None:
     data = TrainingData(**digits, num_classes=10)
     auto = cnn_params(small_cnn, precision="auto")
-    choice = CNN.choose_precision(auto, data, hardware=None)
+    choice = choose_precision(CNN, auto, data, hardware=None)
     assert choice.precision == "float32"
     assert choice.step_seconds == {}  # nothing was timed
     assert "emulated" in choice.reason and "avx512_bf16" in choice.reason
     fixed = cnn_params(small_cnn, precision="mixed_bfloat16")
-    assert CNN.choose_precision(fixed, data, hardware="a GPU").precision == "mixed_bfloat16"
+    assert choose_precision(CNN, fixed, data, hardware="a GPU").precision == "mixed_bfloat16"
 
 
 def test_bfloat16_hardware_follows_the_cpu_flags() -> None:
@@ -811,7 +782,7 @@ def test_auto_precision_times_both_and_takes_the_faster(
 ) -> None:
     data = TrainingData(**digits, num_classes=10)
     section = cnn_params(small_cnn, filters=[4], batch_size=32, precision="auto")
-    choice = CNN.choose_precision(section, data, hardware="the test's pretend hardware")
+    choice = choose_precision(CNN, section, data, hardware="the test's pretend hardware")
     assert set(choice.step_seconds) == {"float32", "mixed_bfloat16"}
     assert all(seconds > 0 for seconds in choice.step_seconds.values())
     assert choice.precision == min(choice.step_seconds, key=choice.step_seconds.__getitem__)
@@ -861,10 +832,11 @@ def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_r
 
     def stop_after_first(epoch: int, logs: dict[str, float]) -> None:
         if epoch == 1:
-            raise KeyboardInterrupt  # before epoch 2's checkpoint: as a kill would
+            # before epoch 2's checkpoint: as a kill would
+            raise KeyboardInterrupt("stopped after epoch 1")
 
     checkpoint = TrainingCheckpoint(tmp_path / "checkpoint", "same params and data")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stopped after epoch 1"):
         fit(
             "cnn",
             section,

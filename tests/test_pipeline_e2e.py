@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,60 +13,23 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.support import command_env
+from tests.support import BIN, command_env, copy_project, run, small_params, stages_run
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODELS = ("dense", "cnn", "numpy_mlp", "logreg")
 
 pytestmark = pytest.mark.slow
-
-
-def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    """Run a command, fail the test with its output if it fails, return stdout+stderr."""
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
-    return output
-
-
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def small_params(path: Path) -> None:
-    """Shrink params.yaml so the whole pipeline trains in seconds on the demo digits."""
-    params = yaml.safe_load(path.read_text())
-    params["views"] = {
-        "gray16": {"height": 16, "width": 16, "color": "grayscale"},
-        "rgb16": {"height": 16, "width": 16, "color": "rgb"},
-    }
-    params["models"] = {
-        "dense": "gray16",
-        "cnn": "rgb16",
-        "numpy_mlp": "gray16",
-        "logreg": "gray16",
-    }
-    params["dense"].update(hidden_units=[32], epochs=4, learning_rate=0.01)
-    params["numpy_mlp"].update(hidden_units=[32], epochs=4, learning_rate=0.01)
-    params["cnn"].update(filters=[8, 16], epochs=2, head_units=16)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A fresh git + DVC copy of the project with small params, after one `dvc repro`."""
     repo = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
-        shutil.copy(ROOT / name, repo / name)
-    for folder in ("stages", "imgpipe"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
-    # .dvc/config names it: `dvc plots show` draws offline with it
-    shutil.copy(ROOT / ".dvc" / "plots-template.html", repo / ".dvc" / "plots-template.html")
-    small_params(repo / "params.yaml")
+    copy_project(repo)
+    # the whole pipeline trains in seconds on the demo digits
+    models = {"dense": "gray16", "cnn": "rgb16", "numpy_mlp": "gray16", "logreg": "gray16"}
+    params = small_params(repo / "params.yaml", models, epochs=4)
+    params["cnn"].update(filters=[8, 16], epochs=2, head_units=16)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = command_env()
     run(["git", "init", "-q", "-b", "main"], repo, env)
     run(["git", "add", "-A"], repo, env)

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.support import command_env
-from tests.team_support import ROOT, headless_chromium, run
+from tests.support import ROOT, command_env, run
+from tests.team_support import headless_chromium
 
 TEMPLATE = ROOT / ".dvc" / "plots-template.html"
 LOCK_FILE = ROOT / "scripts" / "plots-template" / "package-lock.json"
@@ -211,7 +211,7 @@ def test_plots_page_draws_every_chart_offline(
     assert report.requests == [], f"the page asked the network for {report.requests}"
     assert len(report.images) == len(IMAGE_PLOTS), report.images
     assert all(width > 0 for _, width in report.images), report.images
-    if os.environ.get("IMGPIPE_UPDATE_SCREENSHOT"):  # refresh the README's picture
+    if os.environ.get("IMGPIPE_UPDATE_SCREENSHOT"):  # refresh docs/plots-offline.png
         with Image.open(shot) as image:
             image.convert("RGB").quantize(colors=64).save(SCREENSHOT, optimize=True)
 

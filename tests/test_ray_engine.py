@@ -23,13 +23,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import load_repo_params
-from tests.support import BIN, command_env
+from tests.support import BIN, ROOT, command_env, load_repo_params
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog")
 VIEWS = {
     "gray16": {"height": 16, "width": 16, "color": "grayscale"},

@@ -10,7 +10,7 @@ own empty HOME, so that no ~/.ssh config, key or agent of the machine's user tak
 Host keys: DVC does not check the server's. dvc-ssh has no known_hosts setting and sshfs, under
 it, connects with asyncssh's `known_hosts=None` ("trust any host key"), so ~/.ssh/known_hosts
 and ~/.ssh/config are not consulted; `test_dvc_does_not_check_the_host_key` pins that, and the
-README says so.
+docs/team.md says so.
 """
 
 from __future__ import annotations
@@ -28,15 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import command_env
-from tests.team_support import (
-    free_port,
-    make_project,
-    missing_system_program,
-    run,
-    stages_run,
-    stop,
-)
+from tests.support import command_env, free_port, run, stages_run
+from tests.team_support import make_project, missing_system_program, stop
 
 SSHD = Path("/usr/sbin/sshd")
 # sshd's privilege-separation folder, compiled in: a root sshd refuses to start without it
@@ -278,7 +271,7 @@ def openssh_login(host: SshHost, keyfile: Path, known_hosts: Path) -> subprocess
 def test_dvc_does_not_check_the_host_key(pushed: Pushed, ssh_host: SshHost, tmp_path: Path) -> None:
     """A known_hosts that trusts another key for this host: OpenSSH refuses to connect, DVC
     logs in anyway. When a DVC upgrade starts checking, this fails: then give each client a
-    known_hosts with the real key here and drop the README's warning."""
+    known_hosts with the real key here and drop docs/team.md's warning."""
     keyfile = pushed.owner.keyfile
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)

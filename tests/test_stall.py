@@ -19,9 +19,7 @@ from imgpipe.stall import (
     StallWatchdog,
     stall_seconds,
 )
-from tests.support import command_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, command_env
 
 
 def test_the_watchdog_fires_once_when_beats_stop() -> None:

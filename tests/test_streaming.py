@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from sklearn.datasets import load_digits
 
 from imgpipe.checkpoints import TrainingCheckpoint
 from imgpipe.params import Params, parse_params
+from imgpipe.precision import choose_precision
 from imgpipe.registry import TrainingData, TrainResult, model_type
 from imgpipe.runtime import StageError
 from imgpipe.tables import (
@@ -33,9 +32,17 @@ from imgpipe.tables import (
     table_schema,
 )
 from imgpipe.training import training_data
-from tests.test_interrupted import kill_when, run_stage, start_stage
+from tests.support import (
+    checkpoint_epochs,
+    histories_of_equal_models,
+    kill_midway,
+    load_repo_params,
+    resume_and_train_straight,
+    train_here,
+    write_digit_tables,
+    write_train_project,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS_PER_GROUP = 64  # 1,200 digits: 19 row groups
 SHUFFLE_ROWS = 256  # a fifth of the training table
 
@@ -43,26 +50,11 @@ SHUFFLE_ROWS = 256  # a fifth of the training table
 # --------------------------------------------------------------------------- tables
 
 
-def write_digit_tables(folder: Path, rows_per_group: int = ROWS_PER_GROUP) -> None:
-    """scikit-learn's digits as 8x8 grayscale train/val/test tables of small row groups."""
-    digits = load_digits()
-    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]  # (N, 8, 8, 1)
-    labels = digits.target.astype(np.int16)
-    schema = table_schema((8, 8, 1), [str(d) for d in range(10)], "gray8")
-    bounds = {"train": (0, 1200), "val": (1200, 1500), "test": (1500, len(labels))}
-    for split_name, (start, stop) in bounds.items():
-        with TableWriter(folder / f"{split_name}.parquet", schema) as writer:
-            for first in range(start, stop, rows_per_group):
-                rows = slice(first, min(first + rows_per_group, stop))
-                sources = [f"{labels[i]}/{i}.png" for i in range(rows.start, rows.stop)]
-                writer.write(record_batch(schema, pixels[rows], labels[rows], sources))
-
-
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with the digit tables."""
+    """A folder with the digit tables, in row groups of ROWS_PER_GROUP rows."""
     folder = tmp_path_factory.mktemp("tables")
-    write_digit_tables(folder)
+    write_digit_tables(folder, ROWS_PER_GROUP)
     return folder
 
 
@@ -247,7 +239,7 @@ def test_which_model_types_can_stream() -> None:
 
 def project_params(**train: object) -> Params:
     """The repository's params for the gray8 digit tables, with small, quick models."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = load_repo_params()
     raw["views"] = {"gray8": {"height": 8, "width": 8, "color": "grayscale"}}
     raw["models"] = {"dense": "gray8", "numpy_mlp": "gray8", "logreg": "gray8"}
     raw["train"].update(stream_over_mb=0, shuffle_rows=SHUFFLE_ROWS, **train)
@@ -279,7 +271,7 @@ def train(
 
     def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
         if epoch == stop_after:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"stopped after epoch {epoch}")
 
     params = project_params()
     return model_type(model_name).train(
@@ -337,7 +329,7 @@ def test_a_streamed_val_table_scores_as_the_same_table_in_memory(
 @pytest.mark.slow
 def test_a_streamed_keras_run_stopped_midway_resumes_exactly(tables: Path, tmp_path: Path) -> None:
     checkpoint = TrainingCheckpoint(tmp_path / "checkpoint", "same params and data")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stopped after epoch 2"):
         train(
             "dense", digits_data(tables, train=True, val=True), checkpoint=checkpoint, stop_after=2
         )
@@ -355,7 +347,7 @@ def test_cnn_times_its_precision_on_the_streamed_tables_first_rows(tables: Path)
         update={"filters": [4], "head_units": 0, "batch_size": 32, "precision": "auto"}
     )
     data = digits_data(tables, train=True, val=True)
-    choice = model_type("cnn").choose_precision(section, data, hardware="pretend hardware")
+    choice = choose_precision(model_type("cnn"), section, data, hardware="pretend hardware")
     assert set(choice.step_seconds) == {"float32", "mixed_bfloat16"}
     assert all(0 < seconds < math.inf for seconds in choice.step_seconds.values())
 
@@ -364,7 +356,7 @@ def test_cnn_times_its_precision_on_the_streamed_tables_first_rows(tables: Path)
 def test_negative_stream_params_are_refused(key: str, value: int) -> None:
     from imgpipe.params import ParamsError
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = load_repo_params()
     raw["train"][key] = value
     with pytest.raises(ParamsError, match=f"train.{key}"):
         parse_params(raw)
@@ -375,16 +367,13 @@ def test_negative_stream_params_are_refused(key: str, value: int) -> None:
 
 def write_project(folder: Path, **train_params: object) -> Path:
     """A project folder: digit tables in tables/gray8 and a params.yaml that streams them."""
-    write_digit_tables(folder / "tables" / "gray8")
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = load_repo_params()
     raw["views"] = {"gray8": {"height": 8, "width": 8, "color": "grayscale"}}
     raw["models"] = {"dense": "gray8", "numpy_mlp": "gray8", "logreg": "gray8"}
     raw["train"].update({"stream_over_mb": 0, "shuffle_rows": SHUFFLE_ROWS, **train_params})
     raw["dense"].update(hidden_units=[256, 128], epochs=10, learning_rate=0.005, batch_size=32)
     raw["numpy_mlp"].update(hidden_units=[32], epochs=2, batch_size=32)
-    raw["tracking"]["uri"] = f"sqlite:///{folder / 'mlflow.db'}"
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
-    return folder
+    return write_train_project(folder, raw, ROWS_PER_GROUP)
 
 
 def test_logreg_refuses_a_table_over_the_bound_and_says_what_to_do(
@@ -392,24 +381,11 @@ def test_logreg_refuses_a_table_over_the_bound_and_says_what_to_do(
 ) -> None:
     import mlflow
 
-    from imgpipe.params import load_params
-    from imgpipe.training import train_model
-
     project = write_project(tmp_path)
     monkeypatch.chdir(project)
-    try:
-        with pytest.raises(StageError) as error:
-            train_model(
-                "logreg",
-                load_params(),
-                tables_dir=Path("tables/gray8"),
-                out_dir=Path("models/logreg"),
-                checkpoint_dir=None,
-            )
-    finally:
-        mlflow.set_tracking_uri(None)  # no other test may see this store
+    with pytest.raises(StageError, match="logreg cannot stream a table") as error:
+        train_here("logreg")
     message = str(error.value)
-    assert "logreg cannot stream a table" in message
     assert "0.077 MB of pixels > train.stream_over_mb 0" in message  # 1,200 x 64 bytes
     assert "raise train.stream_over_mb to at least 1 in params.yaml" in message
     assert "remove logreg from `models:`" in message
@@ -428,24 +404,13 @@ def test_the_train_stage_streams_the_tables_over_the_bound_and_says_so(
     them whole; numpy_mlp trains either way, on its streamed or in-memory epochs."""
     import mlflow
 
-    from imgpipe.params import load_params
-    from imgpipe.training import pixel_megabytes, train_model
+    from imgpipe.training import pixel_megabytes
 
     project = write_project(tmp_path, stream_over_mb=bound)
     assert pixel_megabytes(project / "tables/gray8/train.parquet") == pytest.approx(1200 * 64 / 1e6)
     monkeypatch.chdir(project)
-    params = load_params()
-    try:
-        with caplog.at_level(logging.INFO, logger="imgpipe"):
-            train_model(
-                "numpy_mlp",
-                params,
-                tables_dir=Path("tables/gray8"),
-                out_dir=Path("models/numpy_mlp"),
-                checkpoint_dir=None,
-            )
-    finally:
-        mlflow.set_tracking_uri(None)  # start_run set it globally; no other test may see it
+    with caplog.at_level(logging.INFO, logger="imgpipe"):
+        train_here("numpy_mlp")
     streamed_train = (
         "train table 0.077 MB of pixels > train.stream_over_mb 0: streaming it by row group "
         f"through a {SHUFFLE_ROWS}-row shuffle buffer"
@@ -463,30 +428,12 @@ def test_the_train_stage_streams_the_tables_over_the_bound_and_says_so(
     assert logged["train.stream_over_mb"] == str(bound)
 
 
-def checkpoint_epochs(folder: Path) -> int:
-    try:
-        return json.loads((folder / "state.json").read_text())["epochs_done"]
-    except (OSError, ValueError):
-        return 0
-
-
-def stage_command(out: str, checkpoint: str) -> list[str]:
-    return ["stages.train", "--model", "dense", "--tables", "tables/gray8", "--out", out,
-            "--checkpoint", checkpoint]  # fmt: skip
-
-
 @pytest.mark.slow
 def test_a_streamed_train_stage_killed_midway_resumes_to_the_uninterrupted_result(
     tmp_path: Path,
 ) -> None:
-    import keras
-
     project = write_project(tmp_path)
-    checkpoint = project / "checkpoints" / "dense"
-    process = start_stage(
-        stage_command("models/dense", "checkpoints/dense"), project, project / "killed.log"
-    )
-    kill_when(process, lambda: checkpoint_epochs(checkpoint) >= 3, timeout=240)
+    checkpoint = kill_midway(project)
     killed_log = (project / "killed.log").read_text()
     assert (
         "train table 0.077 MB of pixels > train.stream_over_mb 0: streaming it by row group "
@@ -496,21 +443,9 @@ def test_a_streamed_train_stage_killed_midway_resumes_to_the_uninterrupted_resul
     killed_at = checkpoint_epochs(checkpoint)
     assert 3 <= killed_at < 10
 
-    output = run_stage(
-        stage_command("models/dense", "checkpoints/dense"), project, project / "resumed.log"
-    )
+    output, _ = resume_and_train_straight(project)
     assert f"resuming from checkpoint checkpoints/dense after epoch {killed_at} of 10" in output
-    run_stage(
-        stage_command("models/straight", "checkpoints/straight"), project, project / "straight.log"
-    )
-    resumed = json.loads((project / "models" / "dense" / "history.json").read_text())
-    straight = json.loads((project / "models" / "straight" / "history.json").read_text())
+    resumed, straight = histories_of_equal_models(project)
     assert resumed["resumed_from_epoch"] == killed_at
     assert resumed["history"] == straight["history"]  # every epoch, every metric, exactly
     assert straight["history"]["val_accuracy"][-1] > 0.8
-    models = [
-        keras.saving.load_model(project / "models" / name / "model.keras", safe_mode=True)
-        for name in ("dense", "straight")
-    ]
-    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)

@@ -1,4 +1,4 @@
-"""The team's MLflow server as the README sets it up: `scripts/team-server` starts PostgreSQL in a
+"""The team's MLflow server as docs/team.md sets it up: `scripts/team-server` starts PostgreSQL in a
 temporary folder and `mlflow server` with logins on it; a member's `dvc repro` and four parallel
 queued experiments (`dvc queue start -j 2`) log to it, and four more to the default SQLite store.
 
@@ -29,16 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import command_env
-from tests.team_support import (
-    ROOT,
-    free_port,
-    make_project,
-    missing_system_program,
-    run,
-    serving,
-    stages_run,
-)
+from tests.support import ROOT, command_env, free_port, run, stages_run
+from tests.team_support import make_project, missing_system_program, serving
 
 SCRIPT = ROOT / "scripts" / "team-server"
 EXPERIMENT = "imgpipe"
@@ -130,7 +122,7 @@ def sql_count(server: TeamServer, query: str, *args: object, database: str = "ml
 
 @pytest.fixture(scope="module")
 def member(server: TeamServer) -> dict[str, str]:
-    """A member's account, made by the admin through MLflow's auth API (the README's recipe),
+    """A member's account, made by the admin through MLflow's auth API (docs/team.md's recipe),
     and the environment a member's `dvc repro` runs with."""
     from mlflow.server import get_app_client
 
@@ -180,14 +172,13 @@ def test_secrets_are_private_and_requests_without_a_login_are_refused(
     for name in ("secrets", "basic_auth.ini"):
         assert stat.S_IMODE((server.folder / name).stat().st_mode) == 0o600, name
     search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1"
-    with pytest.raises(urllib.error.HTTPError) as refused:
+    with pytest.raises(urllib.error.HTTPError, match="HTTP Error 401"):
         urllib.request.urlopen(search, timeout=10)
-    assert refused.value.code == 401
     request = urllib.request.Request(search)
     with env_vars(
         MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=server.secrets["admin_password"]
     ):
-        from imgpipe.tracking import credentials_header
+        from imgpipe.tracking.connection import credentials_header
 
         request.headers.update(credentials_header())
     with urllib.request.urlopen(request, timeout=10) as answer:
@@ -437,7 +428,7 @@ def test_stop_stops_mlflow_and_postgresql(server: TeamServer) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert server.process.wait(timeout=10) == 0
     assert not (server.folder / "postgres" / "postmaster.pid").exists()  # a clean shutdown
-    with pytest.raises(urllib.error.URLError):
+    with pytest.raises(urllib.error.URLError, match="Connection refused"):  # nothing listens
         urllib.request.urlopen(f"{server.url}/health", timeout=5)
     log = next(server.folder.parent.glob("team-server-start-*.log")).read_text()
     assert "MLflow stopped" in log and "PostgreSQL stopped" in log  # in that order, by the script

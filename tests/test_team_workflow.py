@@ -27,19 +27,8 @@ import yaml
 from PIL import Image
 
 from benchmarks.serve import hostile_requests, judge, post, request_body
-from tests.support import command_env
-from tests.team_support import (
-    BIN,
-    MODELS,
-    ROOT,
-    chromium_paths,
-    free_port,
-    headless_chromium,
-    make_project,
-    run,
-    serving,
-    stages_run,
-)
+from tests.support import BIN, ROOT, command_env, free_port, run, stages_run
+from tests.team_support import MODELS, chromium_paths, headless_chromium, make_project, serving
 
 EXPERIMENT = "imgpipe"
 VARIATIONS = (  # queued experiments: each retrains numpy_mlp only (no TensorFlow, seconds each)
@@ -408,6 +397,6 @@ def test_mlflow_ui_compares_runs_in_headless_chromium(team: Team, tmp_path: Path
     finally:
         driver.quit()
     assert not missing, f"not visible on {page}: {missing} (see {shot})"
-    if os.environ.get("IMGPIPE_UPDATE_SCREENSHOT"):  # refresh the README's picture
+    if os.environ.get("IMGPIPE_UPDATE_SCREENSHOT"):  # refresh docs/mlflow-compare.png
         with Image.open(shot) as image:
             image.convert("RGB").quantize(colors=64).save(SCREENSHOT, optimize=True)

@@ -17,10 +17,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from imgpipe import tracking
 from imgpipe.classifier import Classifier
 from imgpipe.model_folder import META_FILE, ModelMeta
-from imgpipe.models.numpy_mlp import NumpyMLP
+from imgpipe.numpy_net import NumpyMLP
+from imgpipe.tracking import connection, runs
 
 CLASS_NAMES = ["cat", "dog"]
 VIEW = {"view": "gray6x8", "height": 6, "width": 8, "color": "grayscale"}
@@ -51,7 +51,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         mlflow.set_tracking_uri(None)
 
 
-def start_run(uri: str, model_name: str = "dense", **overrides: object) -> tracking.Run:
+def start_run(uri: str, model_name: str = "dense", **overrides: object) -> runs.Run:
     """Store.start_run with test values."""
     kwargs: dict = {
         "model_name": model_name,
@@ -60,7 +60,7 @@ def start_run(uri: str, model_name: str = "dense", **overrides: object) -> track
         "params": PARAMS,
         **overrides,
     }
-    return tracking.Store(uri, "imgpipe-test").start_run(**kwargs)
+    return runs.Store(uri, "imgpipe-test").start_run(**kwargs)
 
 
 # --------------------------------------------------------------------------- tracking_uri
@@ -71,8 +71,8 @@ def test_tracking_uri_prefers_the_environment(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.tracking_uri("sqlite:///configured.db") == "http://mlflow.example:5000"
-    assert tracking.tracking_uri(None) == "http://mlflow.example:5000"
+    assert connection.tracking_uri("sqlite:///configured.db") == "http://mlflow.example:5000"
+    assert connection.tracking_uri(None) == "http://mlflow.example:5000"
 
 
 def test_tracking_uri_uses_params_when_the_environment_has_none(
@@ -80,9 +80,9 @@ def test_tracking_uri_uses_params_when_the_environment_has_none(
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.tracking_uri("sqlite:///configured.db") == "sqlite:///configured.db"
+    assert connection.tracking_uri("sqlite:///configured.db") == "sqlite:///configured.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # set but empty counts as unset
-    assert tracking.tracking_uri("sqlite:///configured.db") == "sqlite:///configured.db"
+    assert connection.tracking_uri("sqlite:///configured.db") == "sqlite:///configured.db"
 
 
 def test_tracking_uri_defaults_to_sqlite_at_dvc_root(
@@ -94,8 +94,8 @@ def test_tracking_uri_defaults_to_sqlite_at_dvc_root(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(root))
     monkeypatch.chdir(elsewhere)
-    assert tracking.tracking_uri(None) == f"sqlite:///{root.resolve() / 'mlflow.db'}"
-    assert tracking.tracking_uri("") == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    assert connection.tracking_uri(None) == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    assert connection.tracking_uri("") == f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
 def test_tracking_uri_defaults_to_sqlite_in_cwd_outside_dvc(
@@ -104,8 +104,8 @@ def test_tracking_uri_defaults_to_sqlite_in_cwd_outside_dvc(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert tracking.tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert tracking.repo_root() == tmp_path.resolve()
+    assert connection.tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert connection.repo_root() == tmp_path.resolve()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -113,16 +113,16 @@ def test_tracking_uri_defaults_to_sqlite_in_cwd_outside_dvc(
 
 def test_flatten_joins_nested_keys_with_dots() -> None:
     nested = {"a": {"b": 1, "c": {"d": [1, 2], "e": None}}, "f": "x", 3: {"g": True}}
-    assert tracking.flatten("", nested) == {
+    assert runs.flatten("", nested) == {
         "a.b": 1,
         "a.c.d": [1, 2],
         "a.c.e": None,
         "f": "x",
         "3.g": True,
     }
-    assert tracking.flatten("cnn", {"augment": {"flip": "none"}}) == {"cnn.augment.flip": "none"}
-    assert tracking.flatten("seed", 42) == {"seed": 42}
-    assert tracking.flatten("", {}) == {}
+    assert runs.flatten("cnn", {"augment": {"flip": "none"}}) == {"cnn.augment.flip": "none"}
+    assert runs.flatten("seed", 42) == {"seed": 42}
+    assert runs.flatten("", {}) == {}
 
 
 def test_files_digest_follows_content_not_path_order(tmp_path: Path) -> None:
@@ -130,26 +130,26 @@ def test_files_digest_follows_content_not_path_order(tmp_path: Path) -> None:
     first.write_bytes(b"train rows")
     second.write_bytes(b"val rows")
 
-    digest = tracking.files_digest([first, second])
-    assert tracking.files_digest([second, first]) == digest
-    assert tracking.files_digest([str(first), str(second)]) == digest
-    assert tracking.files_digest([first]) != digest
+    digest = runs.files_digest([first, second])
+    assert runs.files_digest([second, first]) == digest
+    assert runs.files_digest([str(first), str(second)]) == digest
+    assert runs.files_digest([first]) != digest
 
     second.write_bytes(b"val rowz")
-    changed = tracking.files_digest([first, second])
+    changed = runs.files_digest([first, second])
     assert changed != digest
     second.write_bytes(b"val rows")
-    assert tracking.files_digest([first, second]) == digest
+    assert runs.files_digest([first, second]) == digest
 
 
 def test_files_digest_reads_large_files_whole(tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     content = bytearray(3 * (1 << 20) + 5)  # more than one read block
     big.write_bytes(content)
-    digest = tracking.files_digest([big])
+    digest = runs.files_digest([big])
     content[-1] = 1  # a change past the first block
     big.write_bytes(content)
-    assert tracking.files_digest([big]) != digest
+    assert runs.files_digest([big]) != digest
 
 
 # --------------------------------------------------------------------------- runs
@@ -163,7 +163,7 @@ def test_run_start_creates_a_tagged_run_with_flat_params(store: str) -> None:
     assert tags["model"] == "dense"
     assert tags["dataset"] == "digits"
     assert tags["data_hash"] == "0123456789abcdef"
-    assert tags["git_commit"] == tracking.git_commit()
+    assert tags["git_commit"] == runs.git_commit()
     assert "dvc_experiment" not in tags
     assert record.info.run_name.startswith("dense-")
     assert record.info.status == "RUNNING"
@@ -222,9 +222,9 @@ def test_log_metrics_skips_values_that_are_not_finite(store: str) -> None:
 
 def test_resume_finds_only_runs_of_this_store(store: str) -> None:
     run = start_run(store)
-    assert tracking.Store(store, "imgpipe-test").resume_run(uuid.uuid4().hex) is None
-    resumed = tracking.Store(store, "imgpipe-test").resume_run(run.run_id)
-    assert isinstance(resumed, tracking.Run)
+    assert runs.Store(store, "imgpipe-test").resume_run(uuid.uuid4().hex) is None
+    resumed = runs.Store(store, "imgpipe-test").resume_run(run.run_id)
+    assert isinstance(resumed, runs.Run)
     assert resumed.run_id == run.run_id
     resumed.log_metrics({"test_accuracy": 0.75})
     metrics = MlflowClient(tracking_uri=store).get_run(run.run_id).data.metrics

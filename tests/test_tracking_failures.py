@@ -7,9 +7,9 @@ Real servers and ports only: a closed loopback port, and a real `mlflow server` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,24 +20,18 @@ from typing import Any
 import pytest
 import yaml
 
-from imgpipe import tracking
-from imgpipe.params import TrackingParams, load_params
-from imgpipe.training import train_model
-from tests.test_interrupted import (
+from imgpipe.params import TrackingParams
+from imgpipe.tracking import connection, runs
+from tests.support import (
+    ROOT,
     checkpoint_epochs,
+    free_port,
+    load_repo_params,
     start_stage,
     train_command,
+    train_here,
     write_digit_tables,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -55,7 +49,7 @@ def tracking_params(uri: str, on_unreachable: str) -> TrackingParams:
 
 
 def write_params(folder: Path, **tracking_values: Any) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_repo_params()
     params["tracking"].update(tracking_values)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -65,12 +59,11 @@ def write_params(folder: Path, **tracking_values: Any) -> None:
 
 def test_unreachable_server_is_refused_with_what_to_do(closed_port_uri: str) -> None:
     started = time.monotonic()
-    with pytest.raises(tracking.TrackingUnavailableError) as caught:
-        tracking.open_store(tracking_params(closed_port_uri, "fail"))
+    with pytest.raises(connection.TrackingUnavailableError, match="unreachable") as caught:
+        connection.open_store(tracking_params(closed_port_uri, "fail"))
     assert time.monotonic() - started < 10  # at once, not after minutes of retries
     message = str(caught.value)
     assert closed_port_uri in message
-    assert "unreachable" in message
     assert "tracking.on_unreachable=local" in message
 
 
@@ -78,14 +71,14 @@ def test_unreachable_server_falls_back_to_the_local_store_when_asked(
     closed_port_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    store = tracking.open_store(tracking_params(closed_port_uri, "local"))
+    store = connection.open_store(tracking_params(closed_port_uri, "local"))
     assert store.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_local_stores_need_no_server(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.unreachable_reason(uri) is None
-    assert tracking.open_store(tracking_params(uri, "fail")).uri == uri
+    assert connection.unreachable_reason(uri) is None
+    assert connection.open_store(tracking_params(uri, "fail")).uri == uri
 
 
 @pytest.mark.parametrize("stage", ["train", "evaluate"])
@@ -124,7 +117,7 @@ def test_run_records_what_it_could_not_log(
 ) -> None:
     """A Run whose server is gone keeps going and lists every call that did not reach it."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no need to wait for retries
-    run = tracking.Run("0" * 32, tracking.Store(closed_port_uri, "imgpipe-test"))
+    run = runs.Run("0" * 32, runs.Store(closed_port_uri, "imgpipe-test"))
     run.log_epoch(0, {"loss": 1.0})
     run.log_metrics({"train_seconds": 3.0})
     assert run.register_model("imgpipe-dense", tags={"test_accuracy": 0.9}, description="") is None
@@ -137,6 +130,28 @@ def test_run_records_what_it_could_not_log(
         "model registry version of imgpipe-dense",
         "run status FINISHED",
     ]
+
+
+def test_run_warns_once_with_what_it_could_not_log(
+    closed_port_uri: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run.warn_unlogged, with which the train and evaluate stages end: silent when everything
+    was logged, else one warning through the stage's logger naming the run, the store, why and
+    what is missing, then the stage's own words."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no need to wait for retries
+    run = runs.Run("0" * 32, runs.Store(closed_port_uri, "imgpipe-test"))
+    stage_log = logging.getLogger("imgpipe.test-stage")
+    with caplog.at_level(logging.WARNING):
+        run.warn_unlogged(stage_log, ": %s. Rerun %s.", "train@dense")
+        assert not [r for r in caplog.records if r.name == stage_log.name]
+        run.log_metrics({"train_seconds": 3.0})
+        run.finish()
+        run.warn_unlogged(stage_log, ": %s. Rerun %s.", "train@dense")
+    (record,) = [r for r in caplog.records if r.name == stage_log.name]
+    assert record.getMessage() == (
+        f"MLflow run {'0' * 32} in {closed_port_uri} is missing 2 item(s) because logging "
+        f"failed ({run.failure}): metrics train_seconds; run status FINISHED. Rerun train@dense."
+    )
 
 
 # --------------------------------------------------------------------------- dies mid-run
@@ -175,7 +190,7 @@ def wait_healthy(uri: str, server: subprocess.Popen, timeout: float) -> None:
 @pytest.mark.slow
 def test_server_killed_mid_training_loses_no_model_and_reports_the_gap(tmp_path: Path) -> None:
     write_digit_tables(tmp_path / "tables" / "gray8")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_repo_params()
     params["views"] = {"gray8": {"height": 8, "width": 8, "color": "grayscale"}}
     params["models"] = {"dense": "gray8"}
     params["dense"].update(hidden_units=[256, 128], epochs=8, learning_rate=0.005, batch_size=32)
@@ -225,7 +240,7 @@ def test_stage_runs_into_the_local_store_when_told_to(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     write_digit_tables(tmp_path / "tables" / "gray8")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_repo_params()
     params["views"] = {"gray8": {"height": 8, "width": 8, "color": "grayscale"}}
     params["models"] = {"numpy_mlp": "gray8"}
     params["numpy_mlp"].update(hidden_units=[16], epochs=1)
@@ -233,18 +248,7 @@ def test_stage_runs_into_the_local_store_when_told_to(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    try:
-        train_model(
-            "numpy_mlp",
-            load_params(),
-            tables_dir=Path("tables/gray8"),
-            out_dir=Path("models/numpy_mlp"),
-            checkpoint_dir=None,
-        )
-    finally:
-        import mlflow
-
-        mlflow.set_tracking_uri(None)  # start_run set it globally; no other test may see it
+    train_here("numpy_mlp")
     assert "unreachable" in caplog.text and "local store" in caplog.text
     report = json.loads((tmp_path / "models" / "numpy_mlp" / "mlflow_run.json").read_text())
     assert report["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

@@ -10,21 +10,20 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.support import command_env
+from tests.support import ROOT, command_env
 
-ROOT = Path(__file__).resolve().parents[1]
 PROCESSES = 4
 STAGE = """
 import sys, time
 from pathlib import Path
-from imgpipe import tracking
 from imgpipe.params import TrackingParams
+from imgpipe.tracking.connection import open_store
 
 go = Path(sys.argv[1])
 Path(sys.argv[2]).touch()
 while not go.exists():  # all processes have imported mlflow: open the store at the same moment
     time.sleep(0.01)
-store = tracking.open_store(TrackingParams(experiment="parallel", uri=None, on_unreachable="fail"))
+store = open_store(TrackingParams(experiment="parallel", uri=None, on_unreachable="fail"))
 run = store.start_run(model_name="dense", dataset="digits", data_hash="0" * 16, params={"i": 1})
 run.log_metrics({"accuracy": 0.5})
 run.finish()
