@@ -7,7 +7,8 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -22,6 +23,16 @@ _SYSTEM_DIRS = {"__macosx", ".git", ".dvc", "@eadir"}
 _KAGGLE_NAME = re.compile(r"^(?P<label>[^./\\]+)\.[^/\\]+\.[A-Za-z0-9]+$")
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+# The image formats every decoding path accepts (split, tabulate, imgpipe-predict, the served
+# model), as Pillow names them. Pillow runs no other format's plugin: EPS (which starts
+# Ghostscript), PSD, ICO, PCX, SGI, TGA and the rest are refused before any of their code runs.
+# MPO is how Pillow opens many phone JPEGs (a JPEG with more frames; JPEG's plugin opens it).
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+_OPENERS = tuple(name for name in ACCEPTED_FORMATS if name != "MPO")
+NOT_ACCEPTED = (
+    "not an image in an accepted format (JPEG, MPO, PNG, GIF, BMP, WebP, TIFF): "
+    "convert it to one of these"
+)
 # Zip entries are read whole into memory, one at a time: bound what one entry may expand to.
 MAX_ENTRY_BYTES = 256 * 2**20  # no single image file is this large
 MAX_RATIO_BYTES = 16 * 2**20  # above this size, a compression ratio over MAX_RATIO is a bomb
@@ -135,7 +146,13 @@ def assign_labels(paths: Iterable[str]) -> tuple[list[Entry], list[Skipped]]:
 
 
 class RawSource:
-    """Read-only access to raw images in a zip file or a folder tree."""
+    """Read-only access to raw images in a zip file or a folder tree.
+
+    In a folder, a symlink is followed only to a regular file inside the project (the working
+    directory, where DVC runs every stage; DVC's cache `.dvc/cache` is in it, so `cache.type:
+    symlink` works) or inside the raw folder itself. Other symlinks, and files over
+    MAX_ENTRY_BYTES, are listed by refused() and never read.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -146,39 +163,74 @@ class RawSource:
             )
         self.is_zip = self.root.is_file()
         self._zip: zipfile.ZipFile | None = None
+        # where symlinks may lead: the project (DVC runs stages there) and the raw folder;
+        # never the whole file system, for a stage run by hand from /
+        folders = (Path.cwd().resolve(), self.root.resolve())
+        self._trusted = tuple(folder for folder in folders if folder != Path(folder.anchor))
 
     def list_files(self) -> list[str]:
-        """Every regular file in the source, as POSIX paths relative to its root."""
+        """Every file in the source (symlinks in a folder included), as POSIX paths relative to
+        its root."""
         if self.is_zip:
-            with zipfile.ZipFile(self.root) as archive:
-                infos = [info for info in archive.infolist() if not info.is_dir()]
-            unsafe = [(info.filename, unsafe_entry(info)) for info in infos]
-            unsafe = [(name, reason) for name, reason in unsafe if reason]
-            if unsafe:
-                listed = "; ".join(f"{name!r} ({reason})" for name, reason in unsafe[:5])
-                more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
-                raise UnsafeArchiveError(
-                    f"refusing {self.root}: {len(unsafe)} entries could escape the data folder "
-                    f"or are symlinks: {listed}{more}. Nothing was read or written. Re-pack the "
-                    "archive with plain relative paths (class/image.jpg) and no links."
-                )
-            return sorted(info.filename for info in infos)
+            return self._zip_files()
         return sorted(
             path.relative_to(self.root).as_posix()
-            for path in self.root.rglob("*")
-            if path.is_file()
+            for path in self.root.rglob("*")  # does not descend into symlinked folders
+            if path.is_symlink() or path.is_file()
         )
 
-    def oversized(self) -> dict[str, str]:
-        """Zip entries too large to read, with the reason (empty for folders)."""
-        if not self.is_zip:
-            return {}
+    def _zip_files(self) -> list[str]:
+        """The zip's file entries; UnsafeArchiveError when any could escape or is a symlink."""
         with zipfile.ZipFile(self.root) as archive:
-            reasons = {info.filename: oversized_entry(info) for info in archive.infolist()}
+            infos = [info for info in archive.infolist() if not info.is_dir()]
+        unsafe = [(info.filename, unsafe_entry(info)) for info in infos]
+        unsafe = [(name, reason) for name, reason in unsafe if reason]
+        if unsafe:
+            listed = "; ".join(f"{name!r} ({reason})" for name, reason in unsafe[:5])
+            more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
+            raise UnsafeArchiveError(
+                f"refusing {self.root}: {len(unsafe)} entries could escape the data folder "
+                f"or are symlinks: {listed}{more}. Nothing was read or written. Re-pack the "
+                "archive with plain relative paths (class/image.jpg) and no links."
+            )
+        return sorted(info.filename for info in infos)
+
+    def refused(self, paths: Iterable[str]) -> dict[str, str]:
+        """Those of these files that are never read, with the reason: zip entries too large,
+        and in a folder symlinks not followed and files over MAX_ENTRY_BYTES."""
+        if self.is_zip:
+            with zipfile.ZipFile(self.root) as archive:
+                reasons = {name: oversized_entry(archive.getinfo(name)) for name in paths}
+        else:
+            reasons = {name: self._folder_refusal(name) for name in paths}
         return {name: reason for name, reason in reasons.items() if reason}
 
+    def _folder_refusal(self, name: str) -> str | None:
+        """Why a file of the folder is not read (a symlink not followed, too large), or None."""
+        path = self.root / name
+        if path.is_symlink():
+            try:
+                target = path.resolve()
+            except (OSError, RuntimeError):  # a loop of links
+                return "symlink that leads nowhere (a loop of links): not followed"
+            if not any(target.is_relative_to(trusted) for trusted in self._trusted):
+                return (
+                    f"symlink to {target}, outside the project and the raw folder: not "
+                    "followed. Copy the file into the raw folder instead"
+                )
+            if not target.is_file():
+                return f"symlink to {target}, which is not a regular file: not followed"
+        try:
+            size = path.stat().st_size
+        except OSError as error:
+            return f"cannot read: {error.strerror}"
+        if size > MAX_ENTRY_BYTES:
+            return f"file of {size:,} bytes (limit {MAX_ENTRY_BYTES:,}): no image is this large"
+        return None
+
     def read(self, path: str) -> bytes:
-        """The bytes of one file (a zip entry no larger than its bounds allow)."""
+        """The bytes of one file (a zip entry or a folder file no larger than its bounds allow;
+        ValueError for a file refused() lists)."""
         if self.is_zip:
             if self._zip is None:  # opened lazily so that each worker process has its own handle
                 self._zip = zipfile.ZipFile(self.root)
@@ -188,49 +240,95 @@ class RawSource:
                 raise ValueError(f"{path}: {reason}")
             # zipfile stops at the declared size: a lying header cannot make this read more
             return self._zip.read(info)
-        return (self.root / path).read_bytes()
+        reason = self._folder_refusal(path)
+        if reason:
+            raise ValueError(f"{path}: {reason}")
+        with (self.root / path).open("rb") as handle:  # a file that grew since: read the bound
+            data = handle.read(MAX_ENTRY_BYTES + 1)
+        if len(data) > MAX_ENTRY_BYTES:
+            raise ValueError(f"{path}: file over {MAX_ENTRY_BYTES:,} bytes")
+        return data
 
 
-def check_image(data: bytes) -> str | None:
-    """None when the bytes decode as an image, else the reason they do not."""
+class UnreadableImageError(ValueError):
+    """Bytes this pipeline does not decode; the message says why (empty, format, bomb, corrupt)."""
+
+
+@contextmanager
+def _allowed_image(data: bytes) -> Iterator[Image.Image]:
+    """The image in these bytes, opened (its header read) by an accepted format's plugin only.
+
+    Every failure inside the block, the caller's decoding included, becomes
+    UnreadableImageError with the reason. Images over Image.MAX_IMAGE_PIXELS are refused from
+    their header.
+    """
     if not data:
-        return "empty file (0 bytes)"
+        raise UnreadableImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                image.draft(
-                    "RGB", (64, 64)
-                )  # JPEG: decode at 1/8 scale; a truncated file still fails
-                image.load()
-    except Image.DecompressionBombError as error:
-        return f"decompression bomb refused: {error}"
-    except Image.DecompressionBombWarning as error:
-        return f"decompression bomb refused: {error}"
+            # formats=: Pillow tries these plugins only; MPO comes through JPEG's
+            with Image.open(io.BytesIO(data), formats=_OPENERS) as image:
+                if image.format not in ACCEPTED_FORMATS:  # no plugin but the listed ones runs
+                    raise Image.UnidentifiedImageError(image.format)
+                # warnings filters are process-wide: check the limit here too, thread-safely
+                if image.width * image.height > (Image.MAX_IMAGE_PIXELS or 0):
+                    raise Image.DecompressionBombError(
+                        f"Image size ({image.width * image.height} pixels) exceeds limit of "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels"
+                    )
+                yield image
+    except UnreadableImageError:
+        raise
     except Image.UnidentifiedImageError:
-        return "not an image Pillow can read"
-    except (OSError, SyntaxError, ValueError) as error:
-        return f"cannot decode: {error}"
+        raise UnreadableImageError(NOT_ACCEPTED) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImageError(f"decompression bomb refused: {error}") from None
+    except Exception as error:  # any decoder failure is this file's problem only
+        raise UnreadableImageError(f"cannot decode: {error}") from None
+
+
+def check_image(data: bytes) -> str | None:
+    """None when the bytes are an image of an accepted format that decodes, else the reason.
+
+    For split, which only checks: JPEGs are decoded at 1/8 scale (a truncated one still fails).
+    """
+    try:
+        with _allowed_image(data) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+    except UnreadableImageError as error:
+        return str(error)
     return None
+
+
+def image_size(data: bytes) -> tuple[int, int] | str:
+    """(width, height) of an image read from its header alone, with no pixel decoded; or the
+    reason the bytes are refused (empty, not an accepted format, over Image.MAX_IMAGE_PIXELS).
+
+    For bounding the pixels a batch will decode before decoding any of it (imgpipe-serve sums
+    width x height over a request's rows). decode_image decodes a JPEG at a reduced scale when
+    the target is smaller, so width x height bounds the decoded pixels from above. A header
+    that passes can still belong to a file that fails to decode (a truncated one): decode_checked
+    says so when it decodes.
+    """
+    try:
+        with _allowed_image(data) as image:
+            return image.size
+    except UnreadableImageError as error:
+        return str(error)
 
 
 def decode_checked(data: bytes, *, height: int, width: int, color: str) -> np.ndarray | str:
     """decode_image for bytes nobody has checked (a request, a file given to imgpipe-predict):
     the (H, W, C) uint8 pixels, or the reason the bytes cannot be used, as check_image gives it.
 
-    A plain JPEG that the fast path decodes needs no second decoding to be checked (its size
-    was checked from its header); everything else is checked by check_image first.
+    The bytes are decoded once: the decoding that gives the pixels is the check.
     """
-    pixels = _decode_plain_jpeg(data, height, width, color)
-    if pixels is not None:
-        return pixels
-    problem = check_image(data)
-    if problem is not None:
-        return problem
     try:
         return decode_image(data, height=height, width=width, color=color)
-    except Exception as error:  # a decoder failure is this file's problem only
-        return f"cannot decode: {error}"
+    except UnreadableImageError as error:
+        return str(error)
 
 
 def _to_mode(image: Image.Image, color: str) -> Image.Image:
@@ -263,12 +361,13 @@ def decode_image(data: bytes, *, height: int, width: int, color: str) -> np.ndar
     Pillow's header parsing in Python (at these sizes it costs as much as the decoding itself):
     about 40% less CPU per image. Everything else (other formats, CMYK, EXIF orientation, odd
     modes, corrupt files) goes through Pillow. Both paths give nearly the same pixels (they can
-    pick different DCT scales, and upsample chroma differently).
+    pick different DCT scales, and upsample chroma differently). Only ACCEPTED_FORMATS are
+    opened; bytes that cannot be decoded raise UnreadableImageError with the reason.
     """
     pixels = _decode_plain_jpeg(data, height, width, color)
     if pixels is not None:
         return pixels
-    with Image.open(io.BytesIO(data)) as image:
+    with _allowed_image(data) as image:
         image.draft(PILLOW_MODES[color], (width, height))
         image = ImageOps.exif_transpose(image)
         image = _resize(_to_mode(image, color), height, width)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         parser.error(f"--workers must be 0 (one per node) or more, got {args.workers}")
+    if args.out and args.out.is_symlink():  # checked before any work; never written through
+        parser.error(
+            f"--out {args.out} is a symlink: give the path of the file itself (or remove the "
+            "link); imgpipe-predict does not write through links"
+        )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     from imgpipe.runtime import StageError
@@ -98,17 +104,24 @@ def _report(outcomes: Iterator[Outcome], out: Path | None) -> int:
         if printing:
             printing = _print_row(",".join(row))
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "label", "probability"])
-            writer.writerows(rows)
+        _write_csv(out, rows)
     if failures:
         print(
             f"imgpipe-predict: {failures} of {total} files could not be classified",
             file=sys.stderr,
         )
     return 1 if failures and not rows else 0
+
+
+def _write_csv(out: Path, rows: list[tuple[str, str, str]]) -> None:
+    """Write --out atomically: a reader sees the old file or the whole new one."""
+    from imgpipe.runtime import write_bytes_atomic
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "label", "probability"])
+    writer.writerows(rows)
+    write_bytes_atomic(out, text.getvalue().encode())
 
 
 def _print_row(line: str) -> bool:

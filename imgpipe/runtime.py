@@ -7,9 +7,9 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,10 +53,15 @@ def cpu_count() -> int:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write a file so that readers see the old file or the whole new one, never a part."""
+    """Write a file so that readers see the old file or the whole new one, never a part.
+
+    The new file gets the permissions a plain open() would give (0o666 less the umask: the
+    kernel applies it, so no process-wide umask is read or changed). A symlink at `path` is
+    replaced by the file, never written through.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    partial, fd = _create_partial(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -64,8 +69,22 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(partial, path)
     except BaseException:
-        Path(partial).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
+
+
+def _create_partial(path: Path) -> tuple[Path, int]:
+    """A new, uniquely named `.<name>.<random>.partial` beside path, open for writing.
+
+    Not tempfile.mkstemp: that makes every file 0600 whatever the umask.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
+        try:  # O_EXCL: never an existing file, nor a symlink planted under the name
+            return partial, os.open(partial, flags, 0o666)
+        except FileExistsError:
+            continue
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:

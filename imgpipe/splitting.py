@@ -161,7 +161,10 @@ def _init_worker(raw: str) -> None:
 def _inspect(path: str) -> tuple[str, str | None]:
     """(content digest, reason it is unreadable or None) for one raw file."""
     assert _source is not None
-    data = _source.read(path)
+    try:
+        data = _source.read(path)
+    except (OSError, ValueError) as error:  # changed since it was listed: this file's problem
+        return "", f"cannot read: {error}"
     return hashlib.blake2b(data, digest_size=16).hexdigest(), check_image(data)
 
 
@@ -224,18 +227,19 @@ class _Listing:
 
 
 def _list_raw(raw: str) -> _Listing:
-    """List and label the raw files, without reading any."""
+    """List and label the raw files, without reading any; those never to be read (too large,
+    symlinks not followed) are skipped with the reason."""
     try:
         source = RawSource(raw)
         all_files = source.list_files()
     except (FileNotFoundError, UnsafeArchiveError) as error:
         raise StageError(str(error)) from None
     system_files = [f for f in all_files if is_system_file(f)]
-    oversized = source.oversized()
+    refused = source.refused(f for f in all_files if not is_system_file(f))
     entries, unlabelled = assign_labels(
-        f for f in all_files if not is_system_file(f) and f not in oversized
+        f for f in all_files if not is_system_file(f) and f not in refused
     )
-    unlabelled.extend(Skipped(path, reason) for path, reason in sorted(oversized.items()))
+    unlabelled.extend(Skipped(path, reason) for path, reason in sorted(refused.items()))
     log.info(
         "found %d files in %s (%d ignored as system files)", len(all_files), raw, len(system_files)
     )

@@ -77,6 +77,8 @@ BAD = {
     "cat/empty.jpg": "empty file",
     "cat/notes.jpg": "not an image",
     "cat/bomb.png": "decompression bomb",
+    "cat/vector.eps": "not an image in an accepted format",  # Pillow would start Ghostscript
+    "cat/icon.ico": "not an image in an accepted format",
     "stray.jpg": "class",
 }
 SYSTEM = (".DS_Store", "dog/.DS_Store", "dog/Thumbs.db", "__MACOSX/cat/._anim.gif", "cat/.hid.jpg")
@@ -98,6 +100,8 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         "cat/empty.jpg": b"",
         "cat/notes.jpg": b"a text file named like a JPEG\n",
         "cat/bomb.png": bomb_png(),
+        "cat/vector.eps": encode(Image.new("RGB", (8, 6), (200, 10, 10)), "EPS"),
+        "cat/icon.ico": encode(Image.new("RGB", (16, 16), (9, 9, 9)), "ICO", sizes=[(16, 16)]),
         "stray.jpg": make_image("rgb.jpg", 98),
         **dict.fromkeys(SYSTEM, b"\x00\x05\x16\x07 clutter"),
         "fox/.DS_Store": b"a class folder with nothing but clutter",
@@ -326,10 +330,16 @@ def test_predict_refuses_non_image_input_cleanly(
     (model_dir / META_FILE).write_text(json.dumps(meta.to_json()))
     inputs = tree_writer(
         tmp_path / "in",
-        {"script.py": b"import os\n", "data.npy": b"\x93NUMPY", "bomb.png": bomb_png()},
+        {
+            "script.py": b"import os\n",
+            "data.npy": b"\x93NUMPY",
+            "bomb.png": bomb_png(),
+            "vector.eps": encode(Image.new("RGB", (8, 6)), "EPS"),
+        },
     )
     assert predict.main([str(model_dir), str(inputs)]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.count(": skipped: ") == 3
+    assert captured.err.count(": skipped: ") == 4
     assert "decompression bomb" in captured.err
+    assert "vector.eps: skipped: not an image in an accepted format (JPEG" in captured.err

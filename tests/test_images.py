@@ -13,6 +13,7 @@ from PIL import Image
 from imgpipe import images
 from imgpipe.images import (
     RawSource,
+    UnreadableImageError,
     assign_labels,
     check_image,
     decode_image,
@@ -168,7 +169,7 @@ def test_truncated_png_fails_the_check(image_bytes: dict[str, bytes]) -> None:
 
 
 def test_truncated_jpeg_cannot_be_decoded_either(corrupt_bytes: dict[str, bytes]) -> None:
-    with pytest.raises(OSError, match="image file is truncated"):  # Pillow's message
+    with pytest.raises(UnreadableImageError, match="cannot decode: image file is truncated"):
         decode_image(corrupt_bytes["truncated.jpg"], height=8, width=8, color="rgb")
 
 
@@ -425,7 +426,7 @@ def test_decode_checked_gives_pixels_or_the_reason() -> None:
     assert isinstance(pixels, np.ndarray) and pixels.shape == (16, 16, 3)
     assert images.decode_checked(b"", height=16, width=16, color="rgb") == "empty file (0 bytes)"
     junk = images.decode_checked(b"not an image", height=16, width=16, color="rgb")
-    assert junk == "not an image Pillow can read"
+    assert junk == images.NOT_ACCEPTED
 
 
 def test_decode_checked_applies_the_bomb_limit_to_plain_jpegs_too(

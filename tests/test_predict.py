@@ -107,6 +107,38 @@ def test_predict_prints_and_writes_one_row_per_good_image(
     assert written == [HEADER, *expected]
 
 
+def test_predict_replaces_out_whole_never_in_place(
+    model_dir: Path, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out is written beside itself and renamed into place: a reader of the old file keeps
+    reading the old file whole, and nothing is left over."""
+    out_csv = tmp_path / "predictions.csv"
+    out_csv.write_text("old,rows\n" * 1000)
+    with out_csv.open() as old_reader:
+        assert main([str(model_dir), str(image_dir), "--out", str(out_csv)]) == 0
+        assert old_reader.read() == "old,rows\n" * 1000  # the old file, untouched
+    with out_csv.open(newline="") as handle:
+        assert list(csv.reader(handle)) == [
+            HEADER,
+            *expected_rows(model_dir, good_images(image_dir)),
+        ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "predictions.csv"]
+
+
+def test_predict_refuses_an_out_that_is_a_symlink(
+    model_dir: Path, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "bashrc"
+    target.write_text("precious\n")
+    link = tmp_path / "predictions.csv"
+    link.symlink_to(target)
+    with pytest.raises(SystemExit) as stopped:
+        main([str(model_dir), str(image_dir), "--out", str(link)])
+    assert stopped.value.code == 2
+    assert f"--out {link} is a symlink" in capsys.readouterr().err
+    assert target.read_text() == "precious\n" and link.is_symlink()
+
+
 def test_predict_batches_do_not_change_results(
     model_dir: Path, image_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
