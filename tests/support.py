@@ -338,6 +338,25 @@ def write_train_project(
     return folder
 
 
+def write_digits_model(folder: Path) -> Path:
+    """A logreg trained on scikit-learn's digits (8x8 grayscale, params.yaml's logreg section),
+    saved as a train stage's model folder (weights and meta.json) at folder; returns folder."""
+    from imgpipe.model_folder import META_FILE, ModelMeta
+
+    kind = model_type("logreg")
+    data = digits_split(1400)
+    section = kind.params_class(**load_repo_params()["logreg"])
+    result = fit(
+        "logreg", section, data["x_train"], data["y_train"], data["x_val"], data["y_val"],
+        num_classes=10, seed=0,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    kind.save(result.model, folder / kind.weights_file)
+    meta = ModelMeta("logreg", "gray8", 8, 8, "grayscale", [str(d) for d in range(10)])
+    (folder / META_FILE).write_text(json.dumps(meta.to_json()))
+    return folder
+
+
 # --------------------------------------------------------------------------- tiny images
 
 EXIF_ORIENTATION = 0x0112
