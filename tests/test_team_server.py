@@ -15,9 +15,9 @@ import json
 import os
 import re
 import shutil
+import ssl
 import stat
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import ROOT, command_env, free_port, run, stages_run
-from tests.team_support import make_project, missing_system_program, serving
+from tests.support import command_env, free_port, run, stages_run
+from tests.team_support import TEAM_SERVER, TeamServer, make_project, team_server
 
-SCRIPT = ROOT / "scripts" / "team-server"
+SCRIPT = TEAM_SERVER
 EXPERIMENT = "imgpipe"
 MODEL = "numpy_mlp"
 REGISTERED = f"{EXPERIMENT}-{MODEL}"
@@ -54,24 +54,6 @@ SERVER_VARIATIONS = (
 pytestmark = pytest.mark.slow
 
 
-def require_postgres() -> None:
-    """Debian's PostgreSQL server programs; skipped here when absent, a failure under CI."""
-    if shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"):
-        return
-    missing_system_program("needs PostgreSQL's server programs: apt-get install postgresql")
-
-
-@dataclass(frozen=True)
-class TeamServer:
-    """A running `scripts/team-server`: its URL, folder, database port and secrets."""
-
-    url: str
-    folder: Path
-    db_port: int
-    secrets: dict[str, str]  # db_password, admin_password, flask_secret_key
-    process: subprocess.Popen
-
-
 @contextmanager
 def env_vars(**values: str) -> Iterator[None]:
     """Set environment variables of this process for a block (MLflow clients read them)."""
@@ -83,27 +65,24 @@ def env_vars(**values: str) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[TeamServer]:
-    """`scripts/team-server start` in a fresh folder on two free ports; passwords generated.
+    """`scripts/team-server start` in a fresh folder on two free ports; HTTPS with the
+    certificate it makes; passwords generated."""
+    with team_server() as running:
+        yield running
 
-    The folder is made under /tmp, not pytest's own (closed to other users): PostgreSQL runs as
-    the unprivileged `postgres` user when the tests run as root, and must reach its folder.
-    """
-    require_postgres()
-    folder = Path(tempfile.mkdtemp(prefix="imgpipe-team-server-"))
-    folder.chmod(0o755)
-    port, db_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = [str(SCRIPT), "start", str(folder / "server")]
-    args += ["--port", str(port), "--db-port", str(db_port), "--workers", "1"]
-    try:
-        with serving(
-            args, cwd=folder, env=command_env(), ready_url=f"{url}/health", timeout=180
-        ) as (process):
-            lines = (folder / "server" / "secrets").read_text().splitlines()
-            secrets = dict(line.split("=", 1) for line in lines if not line.startswith("#"))
-            yield TeamServer(url, folder / "server", db_port, secrets, process)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+
+def verified(server: TeamServer) -> ssl.SSLContext:
+    """A TLS context that trusts the server's certificate, as members' clients do."""
+    return ssl.create_default_context(cafile=server.cert)
+
+
+def admin_env(server: TeamServer) -> dict[str, str]:
+    """The admin's login and the server's certificate, as MLflow's client reads them."""
+    return {
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": server.secrets["admin_password"],
+        "MLFLOW_TRACKING_SERVER_CERT_PATH": str(server.cert),
+    }
 
 
 def sql_count(server: TeamServer, query: str, *args: object, database: str = "mlflow") -> int:
@@ -127,15 +106,14 @@ def member(server: TeamServer) -> dict[str, str]:
     from mlflow.server import get_app_client
 
     password = "alice-" + os.urandom(9).hex()
-    with env_vars(
-        MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=server.secrets["admin_password"]
-    ):
+    with env_vars(**admin_env(server)):
         get_app_client("basic-auth", tracking_uri=server.url).create_user(MEMBER, password)
     return {
         **command_env(),
         "MLFLOW_TRACKING_URI": server.url,
         "MLFLOW_TRACKING_USERNAME": MEMBER,
         "MLFLOW_TRACKING_PASSWORD": password,
+        "MLFLOW_TRACKING_SERVER_CERT_PATH": str(server.cert),  # docs/team.md's members' recipe
     }
 
 
@@ -173,15 +151,13 @@ def test_secrets_are_private_and_requests_without_a_login_are_refused(
         assert stat.S_IMODE((server.folder / name).stat().st_mode) == 0o600, name
     search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1"
     with pytest.raises(urllib.error.HTTPError, match="HTTP Error 401"):
-        urllib.request.urlopen(search, timeout=10)
+        urllib.request.urlopen(search, timeout=10, context=verified(server))
     request = urllib.request.Request(search)
-    with env_vars(
-        MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=server.secrets["admin_password"]
-    ):
+    with env_vars(**admin_env(server)):
         from imgpipe.tracking.connection import credentials_header
 
         request.headers.update(credentials_header())
-    with urllib.request.urlopen(request, timeout=10) as answer:
+    with urllib.request.urlopen(request, timeout=10, context=verified(server)) as answer:
         assert answer.status == 200
     # no password on any process's command line (PostgreSQL's, MLflow's, the script's)
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
@@ -191,6 +167,78 @@ def test_secrets_are_private_and_requests_without_a_login_are_refused(
             continue  # a process that ended meanwhile
         for key, secret in server.secrets.items():
             assert secret not in text, f"{key} on the command line of {cmdline}"
+
+
+def test_https_is_verified_with_the_servers_certificate_and_refused_without_it(
+    server: TeamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import requests
+
+    from imgpipe.tracking import connection
+
+    assert requests.get(f"{server.url}/health", verify=server.cert, timeout=10).text == "OK"
+    with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+        requests.get(f"{server.url}/health", timeout=10)  # the system's CAs do not vouch for it
+    with pytest.raises(requests.exceptions.ConnectionError):  # no plain HTTP on that port
+        requests.get(f"{server.url.replace('https:', 'http:')}/health", timeout=10)
+    # imgpipe's own checks before a stage: verified with the member's certificate, and
+    # refused without it, before any login is sent
+    for name, value in admin_env(server).items():
+        monkeypatch.setenv(name, value)
+    assert connection.unreachable_reason(server.url) is None
+    assert connection.login_problem(server.url) is None
+    monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    refused = r"could not be verified against this machine's trusted CAs .*self.signed"
+    with pytest.raises(connection.TrackingCertificateError, match=refused) as caught:
+        connection.unreachable_reason(server.url)
+    assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in str(caught.value)
+    import certifi  # public CAs: certificates, but not the server's
+
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", certifi.where())
+    with pytest.raises(connection.TrackingCertificateError, match="in MLFLOW_TRACKING_SERVER"):
+        connection.unreachable_reason(server.url)
+    not_pem = server.folder.parent / "not-a-certificate.pem"
+    not_pem.write_text("not a certificate\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(not_pem))
+    with pytest.raises(connection.TrackingCertificateError, match="is not a readable PEM"):
+        connection.unreachable_reason(server.url)
+
+
+def process_tree(root: int) -> dict[int, tuple[int, str]]:
+    """{pid: (real uid, command line)} of root's descendants, from /proc."""
+    parents, found = {}, {}
+    for stat_file in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat_file).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat_file.split("/")[2])] = int(fields[1])
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor is not None and ancestor != root:
+            ancestor = parents.get(ancestor)
+        if ancestor == root:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            uid = int(re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE).group(1))
+            found[pid] = (uid, cmdline.decode(errors="replace"))
+    return found
+
+
+def test_no_server_process_runs_as_root(server: TeamServer) -> None:
+    import pwd
+
+    tree = process_tree(server.process.pid)
+    mlflow_uid = pwd.getpwnam("imgpipe-mlflow").pw_uid if os.geteuid() == 0 else os.geteuid()
+    servers = [uid for uid, cmdline in tree.values() if "uvicorn" in cmdline]
+    assert servers and set(servers) == {mlflow_uid}, tree
+    assert any("postgres -D" in cmdline for _, cmdline in tree.values()), tree
+    assert all(uid != 0 for uid, _ in tree.values()), tree  # only `start` itself is root
+    key = server.folder / "tls" / "key.pem"
+    assert (key.stat().st_uid, stat.S_IMODE(key.stat().st_mode)) == (mlflow_uid, 0o600)
 
 
 def test_repro_logs_runs_histories_models_and_versions_into_postgresql(
@@ -412,6 +460,152 @@ def test_no_password_in_params_logs_mlflow_or_git(
     for log in server.folder.parent.glob("*.log"):  # the script's and MLflow's output
         text = log.read_text(errors="replace")
         assert not any(password in text for password in passwords.values()), log
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+def start_refused(folder: Path, *extra: str) -> str:
+    """`team-server start FOLDER` that must stop at once with status 1: its output."""
+    args = [str(SCRIPT), "start", str(folder), "--port", str(free_port())]
+    args += ["--db-port", str(free_port()), *extra]
+    result = subprocess.run(args, env=command_env(), capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    return output
+
+
+@pytest.fixture
+def fresh_folder(tmp_path: Path) -> Path:
+    """An empty server folder that only its owner may write to."""
+    folder = tmp_path / "server"
+    folder.mkdir(mode=0o755)
+    return folder
+
+
+def test_a_secrets_file_others_may_read_is_refused(fresh_folder: Path) -> None:
+    secrets = fresh_folder / "secrets"
+    secrets.write_text("db_password=x\nadmin_password=y\nflask_secret_key=z\n")
+    secrets.chmod(0o644)
+    output = start_refused(fresh_folder)
+    assert "may be read by group or others (mode 0644)" in output
+    assert f"chmod 600 {secrets}" in output
+    assert not (fresh_folder / "postgres").exists()  # nothing was started
+    assert secrets.read_text().startswith("db_password=x")
+
+
+def test_a_key_others_may_read_is_refused(fresh_folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (tmp_path / "key.pem").chmod(0o640)
+    output = start_refused(
+        fresh_folder, "--cert", str(tmp_path / "cert.pem"), "--key", str(tmp_path / "key.pem")
+    )
+    assert "the key file" in output and f"chmod 600 {tmp_path / 'key.pem'}" in output
+
+
+@pytest.mark.parametrize("name", ["postgres.log", "secrets", "tls/key.pem"])
+def test_a_symbolic_link_in_the_folder_is_refused(
+    fresh_folder: Path, tmp_path: Path, name: str
+) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("not the script's\n")
+    target.chmod(0o600)
+    (fresh_folder / name).parent.mkdir(exist_ok=True)
+    (fresh_folder / name).symlink_to(target)
+    output = start_refused(fresh_folder)
+    assert f"{fresh_folder / name} is a symbolic link" in output
+    assert f"rm {fresh_folder / name}" in output
+    assert target.read_text() == "not the script's\n"
+    assert not (fresh_folder / "postgres").exists()
+
+
+def test_a_second_start_on_a_running_folder_is_refused(server: TeamServer) -> None:
+    pid_file = server.folder / "team-server.pid"
+    before = pid_file.read_text()
+    output = start_refused(server.folder)
+    assert f"a team server already runs in {server.folder} (process {server.process.pid})" in output
+    assert f"stop it first (scripts/team-server stop {server.folder})" in output
+    assert pid_file.read_text() == before  # the first one's pid file is kept
+    assert requests_ok(server)
+
+
+def requests_ok(server: TeamServer) -> bool:
+    """The server answers /health over verified HTTPS."""
+    import requests
+
+    return requests.get(f"{server.url}/health", verify=server.cert, timeout=10).text == "OK"
+
+
+@contextmanager
+def bystander() -> Iterator[subprocess.Popen]:
+    """A process of ours that is no team server (its PID goes into pid files)."""
+    process = subprocess.Popen(["sleep", "300"])
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def stop_output(folder: Path) -> tuple[int, str]:
+    """`team-server stop FOLDER`: its status and output."""
+    result = subprocess.run(
+        [str(SCRIPT), "stop", str(folder)],
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_stop_signals_no_process_but_the_one_start_started(
+    server: TeamServer, fresh_folder: Path
+) -> None:
+    pid_file = server.folder / "team-server.pid"
+    before = pid_file.read_text()
+    with bystander() as other:
+        pid_file.write_text(f"{other.pid}\n")  # a stale or foreign PID, the server still running
+        try:
+            status, output = stop_output(server.folder)
+        finally:
+            pid_file.write_text(before)
+        assert status == 1 and "nothing was stopped" in output and str(other.pid) in output
+        assert other.poll() is None and requests_ok(server)
+        # a folder where no server runs (nobody holds its lock): a pid file names anything
+        (fresh_folder / "team-server.lock").touch()
+        (fresh_folder / "team-server.pid").write_text(f"{other.pid} 1\n")
+        status, output = stop_output(fresh_folder)
+        assert status == 0 and "no team server runs in" in output and other.poll() is None
+
+
+# --------------------------------------------------------------------------- no password in outputs
+
+
+def test_a_password_in_the_tracking_uri_is_in_no_output_and_no_log(
+    member: dict[str, str], project: Project, server: TeamServer, tmp_path: Path
+) -> None:
+    password = member["MLFLOW_TRACKING_PASSWORD"]
+    host = server.url.removeprefix("https://")
+    env = {**member, "MLFLOW_TRACKING_URI": f"https://{MEMBER}:{password}@{host}"}
+    del env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]  # the URI's login only
+    copy = tmp_path / "copy"  # its run goes to an experiment of its own: the others count runs
+    shutil.copytree(project.origin, copy, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["tracking"]["experiment"] = "imgpipe-redaction"
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    args = ["python", "-m", "stages.train", "--model", MODEL, "--tables", "data/tables/gray16"]
+    args += ["--out", str(tmp_path / "model")]
+    result = subprocess.run(args, cwd=copy, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    report = json.loads((tmp_path / "model" / "mlflow_run.json").read_text())
+    assert report["tracking_uri"] == f"https://{MEMBER}:***@{host}"
+    assert f"https://{MEMBER}:***@{host}" in output  # the log names the store, redacted
+    assert password not in output
+    for path in (tmp_path / "model").rglob("*"):
+        assert path.is_dir() or password.encode() not in path.read_bytes(), path
 
 
 # --------------------------------------------------------------------------- stop

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
@@ -20,6 +22,7 @@ import pytest
 
 from imgpipe.params import TrackingParams
 from imgpipe.tracking import connection
+from imgpipe.tracking.runs import Run
 
 USER, PASSWORD = "bob", "s3cret-pw"
 
@@ -29,6 +32,7 @@ class StubServer(ThreadingHTTPServer):
 
     health_needs_login = False
     deny_run_creation = False
+    redirect_to: str | None = None  # answer every request with a 307 to this URL's same path
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), StubHandler)
@@ -59,6 +63,12 @@ class StubHandler(BaseHTTPRequestHandler):
         self.rfile.read(length)
         sent = self.headers.get("Authorization")
         self.server.authorizations.append((self.path, sent))
+        if self.server.redirect_to:
+            self.send_response(307)
+            self.send_header("Location", f"{self.server.redirect_to}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         logged_in = sent == expected
         if self.path == "/health" and not self.server.health_needs_login:
@@ -81,6 +91,18 @@ class StubHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.handle_any()
+
+
+@contextmanager
+def running(server: StubServer) -> Iterator[StubServer]:
+    """Serve on a thread; always shut down."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -172,3 +194,51 @@ def test_no_permission_to_log_runs_says_whom_to_ask(
     message = str(caught.value)
     assert "\n" not in message
     assert "EDIT permission" in message and PASSWORD not in message
+
+
+def test_no_login_goes_to_the_target_of_a_redirect(
+    stub: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    login(monkeypatch, USER, PASSWORD)
+    sent = connection.credentials_header()["Authorization"]
+    with running(StubServer()) as other:
+        port = other.server_address[1]
+        for target in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):  # port, host
+            stub.redirect_to = target
+            stub.authorizations.clear()
+            other.authorizations.clear()
+            assert connection.unreachable_reason(stub.uri) is None  # followed: /health is OK
+            # MLflow's own client (requests) must not forward it either
+            connection.login_problem(stub.uri)
+            with pytest.raises(mlflow.exceptions.MlflowException):
+                connection.MlflowClient(tracking_uri=stub.uri).get_run("0" * 32)
+            assert stub.authorizations[0] == ("/health", sent)  # the server asked for gets it
+            assert len(stub.authorizations) == 3 and {a for _, a in stub.authorizations} == {sent}
+            assert other.authorizations[0] == ("/health", None)
+            assert len(other.authorizations) >= 3, other.authorizations
+            assert {a for _, a in other.authorizations} == {None}, other.authorizations
+
+
+def test_a_password_in_the_uri_is_used_but_never_shown(
+    stub: StubServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = stub.uri.replace("http://", f"http://{USER}:{PASSWORD}@")
+    shown = stub.uri.replace("http://", f"http://{USER}:***@")
+    assert connection.redact(f"at {uri}/api and {uri}") == f"at {shown}/api and {shown}"
+    assert connection.redact("https://alice@host/ and sqlite:///x.db") == (
+        "https://alice@host/ and sqlite:///x.db"  # no password: nothing to hide
+    )
+    with caplog.at_level(logging.INFO):
+        store = connection.open_store(params(uri))  # the stub checks the URI's login
+        assert stub.authorizations[0][1] is not None
+        run = Run("0" * 32, store)
+        run._attempt(
+            "a metric", lambda: (_ for _ in ()).throw(OSError(f"no answer from {uri}/api"))
+        )
+    report = run.report()
+    assert report["tracking_uri"] == shown
+    assert report["logging_error"] == f"OSError: no answer from {shown}/api"
+    assert PASSWORD not in caplog.text and shown in caplog.text
+    problem = connection.login_problem(uri.replace(PASSWORD, "not-his-pw"))
+    assert "refused the login of user 'bob'" in problem and f"{USER}:***@" in problem
+    assert "not-his-pw" not in problem
