@@ -92,9 +92,13 @@ def restore_training_state(model: keras.Model, arrays: dict[str, np.ndarray]) ->
             f"checkpoint holds {len(arrays)} arrays but the model and optimizer have "
             f"{len(targets)} variables"
         )
-    for name, variable in targets.items():
+    for name, variable in targets.items():  # every shape checked before any is assigned
         if tuple(variable.shape) != arrays[name].shape:
-            raise ValueError(f"checkpoint array {name} has shape {arrays[name].shape}")
+            raise ValueError(
+                f"checkpoint array {name} has shape {arrays[name].shape}, the model's variable "
+                f"{tuple(variable.shape)}"
+            )
+    for name, variable in targets.items():
         variable.assign(arrays[name])
 
 
@@ -211,7 +215,12 @@ class KerasTrainer:
         """Put the checkpoint's state into the model, and say where training continues."""
         if state is None:
             return Progress({}, 0, 0.0)
-        restore_training_state(model, state.arrays)
+        try:
+            restore_training_state(model, state.arrays)
+        except ValueError as error:  # nothing was assigned: the model is still a fresh one
+            if self.checkpoint is not None:
+                self.checkpoint.set_aside(str(error))
+            return Progress({}, 0, 0.0)
         log.info(
             "resuming from checkpoint %s after epoch %d of %d",
             self.checkpoint.directory if self.checkpoint else "",

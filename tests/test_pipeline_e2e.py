@@ -125,7 +125,8 @@ def test_mlflow_runs_hold_params_history_metrics_plots_and_model(
         loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
         channels = 1 if model != "cnn" else 3
         batch = np.random.default_rng(0).integers(0, 256, (4, 16, 16, channels), dtype=np.uint8)
-        predictions = loaded.predict(batch)
+        # the signature is the clients' base64 `image` column: pixels go to the wrapper itself
+        predictions = loaded.unwrap_python_model().predict(None, batch)
         assert len(predictions) == 4
         assert set(predictions["label"]) <= {str(d) for d in range(10)}
         assert np.allclose(predictions.filter(like="p_").sum(axis=1), 1.0, atol=1e-4)
