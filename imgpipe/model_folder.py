@@ -2,7 +2,8 @@
 
     meta.json          ModelMeta: which model type, the view it reads, its classes
     <weights file>     the model type's own format (model.keras, model.npz)
-    history.json       per-epoch history and the training summary (time, speed, parameters)
+    history.json       per-epoch history and the training summary (time, speed, parameters,
+                       the model type's choices, the machine)
     history.csv        the same history, one row per epoch, for `dvc plots`
     mlflow_run.json    the MLflow run that train opened and evaluate completes
 

@@ -97,6 +97,7 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
     grid_images: int = Field(ge=1, le=64)
+    bootstrap: int = Field(ge=100)  # resamples behind the 95 % intervals
 
 
 class TrackingParams(Section):

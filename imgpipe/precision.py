@@ -6,10 +6,14 @@ TensorFlow is imported where it is used, not with this module.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from imgpipe.runtime import cpu_count
 
 if TYPE_CHECKING:
     from imgpipe.keras_models import KerasModelType, KerasParams
@@ -19,6 +23,8 @@ if TYPE_CHECKING:
 PRECISIONS = ("float32", "mixed_bfloat16")
 # x86 CPU flags of native bfloat16 arithmetic (AVX-512 BF16, Intel AMX)
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# the CPU flags a model card names: vector width and native bfloat16 decide training speed
+MACHINE_FLAGS = ("avx2", "avx512f", *BFLOAT16_CPU_FLAGS)
 # precision auto: training steps run untimed (graph tracing, caches) and then timed, per
 # precision, in TIMED_ROUNDS interleaved rounds (float32, bfloat16, float32, ...): the machine
 # may change speed for minutes at a time, and one slow stretch must not decide the choice
@@ -46,6 +52,30 @@ def cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
     return set()
+
+
+def machine() -> dict[str, Any]:
+    """The machine a model trains on, for its model card: CPU model, cores, memory, the CPU
+    flags that set a model's speed (MACHINE_FLAGS) and NVIDIA GPUs, without importing TensorFlow."""
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if os.name == "posix" else 0
+    gpus = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        with contextlib.suppress(OSError):
+            lines = info.read_text(errors="replace").splitlines()
+            gpus += [ln.partition(":")[2].strip() for ln in lines if ln.startswith("Model")]
+    return {
+        "cpu": cpu,
+        "cores": cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
+        "cpu_flags": sorted(cpu_flags() & set(MACHINE_FLAGS)),
+        "gpus": gpus,
+    }
 
 
 def bfloat16_hardware() -> str | None:

@@ -208,6 +208,13 @@ def read_table(path: str | Path, *, with_sources: bool = True) -> PixelTable:
     )
 
 
+def label_counts(path: str | Path) -> list[int]:
+    """Images of each class in a table (in class_names' order), from its labels alone."""
+    _, class_names, _, _ = table_info(path)
+    labels = pq.read_table(path, columns=["label_index"]).column("label_index").to_numpy()
+    return np.bincount(labels.astype(np.int64), minlength=len(class_names)).tolist()
+
+
 def shuffle_buffer_batches(
     row_groups: Iterable[tuple[np.ndarray, np.ndarray]],
     *,

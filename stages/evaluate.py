@@ -1,4 +1,5 @@
-"""Stage `evaluate@<model>`: test metrics and plots for one model, for DVC and its MLflow run."""
+"""Stage `evaluate@<model>`: test metrics with 95 % intervals, plots, per-image answers and the
+model card of one model, for DVC and its MLflow run."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from imgpipe.evaluation import evaluate_model
+from imgpipe.evaluation import EvaluateOutputs, evaluate_model
 from imgpipe.params import load_params
 from imgpipe.registry import model_types
 from imgpipe.runtime import setup_logging, stage_errors
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", required=True, type=Path, help="models/<model>")
     parser.add_argument("--metrics", required=True, type=Path, help="metrics/<model>.json")
     parser.add_argument("--plots", required=True, type=Path, help="plots/<model>/")
+    parser.add_argument("--answers", required=True, type=Path, help="answers/<model>.csv")
+    parser.add_argument("--card", required=True, type=Path, help="cards/<model>.md")
     args = parser.parse_args(argv)
     stage = f"evaluate@{args.model}"
     log = setup_logging(stage)
@@ -32,25 +35,29 @@ def main(argv: list[str] | None = None) -> None:
             params,
             test_table=test_table,
             model_dir=args.model_dir,
-            metrics_path=args.metrics,
-            plots_dir=args.plots,
+            outputs=EvaluateOutputs(args.metrics, args.plots, args.answers, args.card),
         )
     metrics = outcome.metrics
     log.info(
-        "%s on %d test images: accuracy %.4f, loss %.4f, f1 %.4f",
+        "%s on %d test images: accuracy %.4f [%.4f, %.4f], loss %.4f, f1 %.4f [%.4f, %.4f] "
+        "(95 %% intervals)",
         args.model,
         outcome.n_test,
         metrics["accuracy"],
+        *metrics["accuracy_ci95"],
         metrics["loss"],
         metrics["f1"],
+        *metrics["f1_ci95"],
     )
     log.info(
-        "read %s and %s; wrote %s and %d files to %s/; MLflow run %s %s; %.1f s",
+        "read %s and %s; wrote %s, %d files to %s/, %s and %s; MLflow run %s %s; %.1f s",
         args.model_dir,
         test_table,
         args.metrics,
         len(outcome.plot_names),
         args.plots,
+        args.answers,
+        args.card,
         outcome.run_id,
         outcome.registered,
         time.perf_counter() - started,

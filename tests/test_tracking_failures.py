@@ -94,6 +94,7 @@ def test_stage_stops_before_any_work_when_the_server_is_down(
         arguments = [
             *("--model", "dense", "--tables", "tables/x", "--model-dir", "models/dense"),
             *("--metrics", "metrics/dense.json", "--plots", "plots/dense"),
+            *("--answers", "answers/dense.csv", "--card", "cards/dense.md"),
         ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""}
     finished = subprocess.run(
