@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgpipe.checkpoints import TrainingCheckpoint, fingerprint
+from imgpipe.checkpoints import TrainingCheckpoint, code_digest, fingerprint
 from imgpipe.model_folder import ModelFolder, ModelMeta
+from imgpipe.precision import machine
 from imgpipe.registry import EpochCallback, TrainingData, TrainResult, model_type
 from imgpipe.runtime import StageError
 from imgpipe.tables import TableStream, read_table, table_info
@@ -144,17 +145,20 @@ def train_model(
     }
     resumable_dir = checkpoint_dir if entry.resumable else None
     run, checkpoint = _open_run(store, model_name, dataset, paths, logged_params, resumable_dir)
+    for path, context in zip(paths, ("training", "validation"), strict=True):
+        run.log_table(path, name=f"{view_name}/{path.stem}", context=context)
 
     folder = ModelFolder(out_dir)
     try:
-        result = entry.train(
-            section,
-            data,
-            seed=params.train.seed,
-            on_epoch_end=_epoch_reporter(run, epochs=entry.planned_epochs(section)),
-            checkpoint=checkpoint,
-            devices=params.train.devices,
-        )
+        with run.system_metrics():  # CPU and memory while it trains: the run's system/* metrics
+            result = entry.train(
+                section,
+                data,
+                seed=params.train.seed,
+                on_epoch_end=_epoch_reporter(run, epochs=entry.planned_epochs(section)),
+                checkpoint=checkpoint,
+                devices=params.train.devices,
+            )
         meta = _model_meta(model_name, view_name, view, class_names)
         summary = _save_model(folder, meta, result, run, checkpoint)
         _log_trained_model(run, folder, meta, result, summary, streamed)
@@ -232,9 +236,9 @@ def _open_run(
 ) -> tuple[Run, TrainingCheckpoint | None]:
     """The MLflow run, and the checkpoint (with checkpoint_dir) that training saves every epoch.
 
-    A checkpoint left by an interrupted training of the same params and data continues its run,
-    reopened; else a new run starts. The checkpoint records the run's id, for a resumed training
-    to continue it.
+    A checkpoint left by an interrupted training of the same params, data and code continues its
+    run, reopened; else a new run starts. The checkpoint records the run's id, for a resumed
+    training to continue it.
     """
     from imgpipe.tracking.runs import files_digest  # deferred: importing mlflow takes seconds
 
@@ -242,7 +246,9 @@ def _open_run(
     checkpoint = None
     if checkpoint_dir is not None:
         checkpoint = TrainingCheckpoint(
-            checkpoint_dir, fingerprint({**logged_params, "data_hash": data_hash})
+            checkpoint_dir,
+            fingerprint({**logged_params, "data_hash": data_hash}),
+            code=code_digest(model_name),  # a checkpoint of other code is not resumed
         )
     resumed_run_id = (checkpoint.saved_extra() or {}).get("run_id") if checkpoint else None
     run = store.resume_run(resumed_run_id) if resumed_run_id else None
@@ -290,7 +296,7 @@ def _save_model(
     folder.write(
         meta,
         result.model,
-        summary={**summary, "choices": result.choices},
+        summary={**summary, "choices": result.choices, "machine": machine()},
         history=result.history,
         run_report=run.report(),
     )

@@ -12,8 +12,6 @@ import base64
 import http.client
 import io
 import json
-import os
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +26,14 @@ from PIL import Image
 
 from benchmarks.serve import hostile_requests, judge, post, request_body
 from tests.support import BIN, ROOT, command_env, free_port, run, stages_run
-from tests.team_support import MODELS, chromium_paths, headless_chromium, make_project, serving
+from tests.team_support import (
+    MODELS,
+    chromium_paths,
+    make_project,
+    mlflow_compare_view,
+    refresh_screenshot,
+    serving,
+)
 
 EXPERIMENT = "imgpipe"
 VARIATIONS = (  # queued experiments: each retrains numpy_mlp only (no TensorFlow, seconds each)
@@ -336,29 +341,9 @@ def test_exp_apply_and_exp_branch(team: Team, experiments: dict[str, dict]) -> N
 # --------------------------------------------------------------------------- 4. MLflow UI
 
 
-def visible_texts(driver, texts: list[str]) -> list[str]:
-    """Those of `texts` that no displayed element of the page shows as its whole text."""
-    missing = []
-    for text in texts:
-        elements = driver.find_elements("xpath", f"//*[normalize-space(text())='{text}']")
-        if not any(element.is_displayed() for element in elements):
-            missing.append(text)
-    return missing
-
-
-def click_if_shown(driver, xpath: str) -> bool:
-    """Click the first displayed element matching xpath; False when there is none."""
-    for element in driver.find_elements("xpath", xpath):
-        if element.is_displayed():
-            driver.execute_script("arguments[0].click();", element)
-            return True
-    return False
-
-
 def test_mlflow_ui_compares_runs_in_headless_chromium(team: Team, tmp_path: Path) -> None:
     chromium_paths()  # skipped (or failed under CI) before any work when there is no browser
     from mlflow.tracking import MlflowClient
-    from selenium.webdriver.support.ui import WebDriverWait
 
     client = MlflowClient(tracking_uri=team.tracking_uri)
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -372,31 +357,8 @@ def test_mlflow_ui_compares_runs_in_headless_chromium(team: Team, tmp_path: Path
     run_names = [r.info.run_name for r in runs]
     metric_names = ["accuracy", "loss", "test_accuracy", "test_f1"]
 
-    driver = headless_chromium("1400,1200")
     shot = tmp_path / "mlflow-compare.png"
-    try:
-        driver.set_page_load_timeout(60)
-        driver.get(page)
-        try:
-            WebDriverWait(driver, 60, poll_frequency=1).until(
-                lambda d: not visible_texts(d, run_names[:1])
-            )
-        except Exception:
-            driver.save_screenshot(str(tmp_path / "failed.png"))
-            body = driver.find_element("tag name", "body").text
-            pytest.fail(f"no run names on {page} after 60 s; page text:\n{body[:3000]}")
-        # a clean view for the picture: no assistant panel, no charts, only differing params
-        click_if_shown(driver, "//button[@aria-label='Close']")
-        click_if_shown(driver, "//div[@role='button'][normalize-space(.)='Visualizations']")
-        click_if_shown(driver, "//button[@aria-label='Parameters - Show diff only']")
-        row = driver.find_element("xpath", "//*[normalize-space(text())='Run Name:']")
-        driver.execute_script("arguments[0].scrollIntoView();", row)
-        time.sleep(1)  # let the toggles re-render before looking and taking the picture
-        missing = visible_texts(driver, [*run_names, "numpy_mlp.learning_rate", *metric_names])
-        driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
+    texts = [*run_names, "numpy_mlp.learning_rate", *metric_names]
+    missing = mlflow_compare_view(page, texts, shot, "1400,1200")
     assert not missing, f"not visible on {page}: {missing} (see {shot})"
-    if os.environ.get("IMGPIPE_UPDATE_SCREENSHOT"):  # refresh docs/mlflow-compare.png
-        with Image.open(shot) as image:
-            image.convert("RGB").quantize(colors=64).save(SCREENSHOT, optimize=True)
+    refresh_screenshot(shot, SCREENSHOT)  # docs/mlflow-compare.png

@@ -6,11 +6,13 @@ records: the git commit, a digest of the data, params as flat names.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import logging
 import os
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from imgpipe.tracking.connection import TrackingLoginError
+from imgpipe.tracking.connection import TrackingLoginError, redact
 from imgpipe.tracking.pyfunc import log_pyfunc_model
 
 log = logging.getLogger("imgpipe.tracking")
@@ -47,6 +49,16 @@ def files_digest(paths: Iterable[str | Path]) -> str:
     return digest.hexdigest()
 
 
+def run_user() -> str:
+    """Who logs: the login name on a team server (MLFLOW_TRACKING_USERNAME), else the OS user."""
+    if name := os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return name
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER (some containers)
+        return "unknown"
+
+
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
     """Nested params as MLflow's flat `section.key` names."""
     if isinstance(value, Mapping):
@@ -62,6 +74,7 @@ class Store:
 
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
+        self.where = redact(uri)  # for logs, messages and mlflow_run.json: no password
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri=uri)
 
@@ -80,6 +93,7 @@ class Store:
             "git_commit": commit,
             "mlflow.source.git.commit": commit,
             "stage": f"train@{model_name}",
+            "mlflow.user": run_user(),  # the UI's User column: the member who ran it
         }
         if exp_name:
             tags["dvc_experiment"] = exp_name
@@ -93,7 +107,7 @@ class Store:
             raise TrackingLoginError(denied) from None
         run = Run(created.info.run_id, self)
         run.log_params(params)
-        log.info("MLflow run %s (%s) in %s", run_name, run.run_id, self.uri)
+        log.info("MLflow run %s (%s) in %s", run_name, run.run_id, self.where)
         return run
 
     def resume_run(self, run_id: str) -> Run | None:
@@ -123,7 +137,7 @@ class Store:
         """A one-line message for a server that does not let this user do `what`."""
         username = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(no MLFLOW_TRACKING_USERNAME)"
         return (
-            f"MLflow server {self.uri} does not let user {username!r} {what} (HTTP 403): ask the "
+            f"MLflow server {self.where} does not let user {username!r} {what} (HTTP 403): ask the "
             "server's admin for EDIT permission on it, or set tracking.experiment to an "
             "experiment of yours; nothing was logged."
         )
@@ -135,6 +149,7 @@ class Run:
     def __init__(self, run_id: str, store: Store) -> None:
         self.run_id = run_id
         self.uri = store.uri
+        self.where = store.where
         self.client = store.client
         # Once a call fails (e.g. the server went away), later ones are not attempted: each would
         # wait for its retries. What was not logged is listed here for the stage to report.
@@ -149,12 +164,12 @@ class Run:
         try:
             action()
         except Exception as error:  # any failure to log must not stop training or evaluation
-            self.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            self.failure = redact(f"{type(error).__name__}: {error}".splitlines()[0])[:300]
             self.unlogged.append(what)
             log.warning(
                 "MLflow logging to %s failed (%s): going on without it; "
                 "everything not logged will be listed at the end",
-                self.uri,
+                self.where,
                 self.failure,
             )
             return False
@@ -164,7 +179,7 @@ class Run:
         """Where this run logs and what could not be logged (empty when all went well)."""
         return {
             "run_id": self.run_id,
-            "tracking_uri": self.uri,
+            "tracking_uri": self.where,
             "logging_error": self.failure,
             "unlogged": list(self.unlogged),
         }
@@ -178,7 +193,7 @@ class Run:
         stage_log.warning(
             "MLflow run %s in %s is missing %d item(s) because logging failed (%s)" + then,
             self.run_id,
-            self.uri,
+            self.where,
             len(self.unlogged),
             self.failure,
             "; ".join(self.unlogged),
@@ -227,6 +242,54 @@ class Run:
             lambda: self.client.log_artifact(self.run_id, str(path), artifact_dir),
         )
 
+    def log_text_file(self, path: str | Path, artifact_file: str) -> None:
+        """Copy a UTF-8 text file into the run's artifacts under another name, e.g.
+        answers/cnn.csv as evaluation/answers.csv."""
+        self._attempt(
+            f"artifact {artifact_file}",
+            lambda: self.client.log_text(
+                self.run_id, Path(path).read_text(encoding="utf-8"), artifact_file
+            ),
+        )
+
+    def log_table(self, path: str | Path, *, name: str, context: str) -> None:
+        """Log a table file as an MLflow dataset input (the UI's Datasets column): its path and
+        the file's hash as digest, no pixels read; context is training, validation or test."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        def log() -> None:
+            with warnings.catch_warnings():  # MLflow registers its local source twice, and says so
+                warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+                source = resolve_dataset_source(str(Path(path).resolve()))
+            dataset = MetaDataset(source, name=name, digest=files_digest([path]))
+            context_tag = InputTag(key="mlflow.data.context", value=context)
+            entry = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[context_tag])
+            self.client.log_inputs(self.run_id, datasets=[entry])
+
+        self._attempt(f"dataset {name} ({context})", log)
+
+    @contextlib.contextmanager
+    def system_metrics(self) -> Iterator[None]:
+        """Sample CPU, memory, disk and network into the run's `system/*` metrics (MLflow's
+        monitor, every 10 s or MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) while the block runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop notes
+        monitor: list[SystemMetricsMonitor] = []
+        self._attempt(
+            "system metrics",
+            lambda: monitor.append(SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)),
+        )
+        if monitor:
+            monitor[0].start()
+        try:
+            yield
+        finally:
+            if monitor:
+                monitor[0].finish()
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Add or replace tags."""
         for key, value in tags.items():
@@ -236,12 +299,13 @@ class Run:
             )
 
     def log_model(self, model_file: Path, meta_file: Path) -> None:
-        """Log the model in MLflow's pyfunc format: predicts on uint8 pixels or encoded images."""
+        """Log the model in MLflow's pyfunc format, as a model from code (no pickle), with its
+        signature and input example: base64 image files in an `image` column."""
 
         def log() -> None:
             with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-                # its warning that a Python object is pickled is about loading models from
-                # strangers; this one is ours, and its weights are in their own files
+                # its notes (the input example checked against the signature) are MLflow's
+                # housekeeping, not the stage's news; errors still show
                 pyfunc_log = logging.getLogger("mlflow.pyfunc")
                 level = pyfunc_log.level
                 pyfunc_log.setLevel(logging.ERROR)
