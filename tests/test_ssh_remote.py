@@ -233,11 +233,16 @@ def test_push_stores_the_cache_in_the_remote_folder_over_ssh(
     remote_objects = cached_objects(pushed.remote)
     assert len(remote_objects) > pushed.raw_files  # raw images, and the stages' outputs
     assert remote_objects.items() <= origin_cache.items()  # same names, same bytes
-    # all but the metrics files (`cache: false`: git holds them; the run-cache keeps a copy)
+    # nothing but the `cache: false` outputs (metrics and model cards: git holds them; a
+    # run-cache entry may keep a copy in the local cache, never pushed)
     not_pushed = {origin_cache[name] for name in origin_cache.keys() - remote_objects.keys()}
-    assert not_pushed == {
-        (pushed.origin / f"metrics/{model}.json").read_bytes() for model in MODELS
+    assert not_pushed <= {
+        (pushed.origin / folder / f"{model}{suffix}").read_bytes()
+        for model in MODELS
+        for folder, suffix in (("metrics", ".json"), ("cards", ".md"))
     }
+    answers = {(pushed.origin / f"answers/{model}.csv").read_bytes() for model in MODELS}
+    assert answers <= set(remote_objects.values())  # evaluate's cached outs are pushed
     # sshd let the owner's key in and DVC talked SFTP through it
     assert ssh_host.sftp_logins(pushed.owner.fingerprint) >= 1
     # git holds the remote's URL; the key's path stays in the git-ignored .dvc/config.local
