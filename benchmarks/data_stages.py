@@ -426,7 +426,7 @@ def mode_repro(args: argparse.Namespace, work: Path, targets: Targets) -> None:
     project.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy2(REPO / name, project / name)
-    for name in ("stages", "imgpipe"):
+    for name in ("stages", "imgpipe", "weights"):  # weights/: the `weights` stage's dep
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     (project / "data" / "raw").mkdir(parents=True)
     (project / "data" / "raw" / args.raw.name).symlink_to(args.raw.resolve())

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from imgpipe.keras_training import KerasTrainer, epoch_order, in_memory_batches
 from imgpipe.precision import PRECISIONS
 from imgpipe.registry import EpochCallback, ModelType, TrainingData, TrainResult
+from imgpipe.runtime import StageError
 from imgpipe.sections import ScheduledTraining
 
 if TYPE_CHECKING:
@@ -98,6 +99,16 @@ def build_optimizer(params: KerasParams, total_steps: int) -> keras.optimizers.O
     return getattr(keras.optimizers, OPTIMIZERS[params.optimizer])(learning_rate=rate, **options)
 
 
+def training_loss(params: KerasParams) -> str | keras.losses.Loss:
+    """The compiled loss: cross-entropy on class indices, or on one-hot rows where labels are
+    smoothed (Keras smooths one-hot targets only: see KerasModelType.targets)."""
+    if not params.label_smoothing:
+        return "sparse_categorical_crossentropy"
+    import keras
+
+    return keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
+
+
 class KerasModelType(ModelType):
     """A Keras network: subclasses say how it is built; training, files and prediction are here."""
 
@@ -132,13 +143,20 @@ class KerasModelType(ModelType):
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
         steps = params.epochs * math.ceil(train_size / params.batch_size)
-        loss: str | keras.losses.Loss = "sparse_categorical_crossentropy"
-        if params.label_smoothing:  # Keras smooths one-hot targets only: see targets()
-            loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
         model.compile(
-            optimizer=build_optimizer(params, total_steps=steps), loss=loss, metrics=["accuracy"]
+            optimizer=build_optimizer(params, total_steps=steps),
+            loss=training_loss(params),
+            metrics=["accuracy"],
         )
         return model
+
+    def prepare_epoch(
+        self, model: keras.Model, params: Any, epoch: int, *, train_size: int
+    ) -> None:
+        """Ready the model to train epoch `epoch` (from 0), before it starts or is restored into:
+        nothing for a model trained in one phase; a model type whose training has phases
+        (pretrained: frozen, then fine-tuned) sets what trains and compiles the phase's
+        optimizer here."""
 
     @staticmethod
     def targets(params: KerasParams, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -159,7 +177,10 @@ class KerasModelType(ModelType):
         devices: Literal["auto"] | int,
     ) -> TrainResult:
         """Build, compile and fit the model, resumably and on train.devices: a KerasTrainer's run
-        (imgpipe/keras_training.py)."""
+        (imgpipe/keras_training.py), once the view is checked (a model type's view_problem)."""
+        problem = self.view_problem(data.image_shape)
+        if problem:
+            raise StageError(problem)
         trainer = KerasTrainer(
             self,
             params,

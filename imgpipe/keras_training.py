@@ -147,8 +147,10 @@ class KerasTrainer:
         if self.checkpoint is not None:
             self.checkpoint.extra = {**self.checkpoint.extra, "precision": choice.precision}
         seed_everything(self.seed)
+        # ready for the checkpoint's last epoch: its optimizer is that epoch's phase's
+        last_done = state.epochs_done - 1 if state is not None else 0
         with strategy.scope() if strategy else contextlib.nullcontext():
-            model = self.fresh_model(choice.precision)
+            model = self.fresh_model(choice.precision, max(last_done, 0))
         progress = self.restore_checkpoint(model, state)
         seconds = self.run_epochs(model, strategy, progress)
         if strategy is not None:
@@ -199,8 +201,9 @@ class KerasTrainer:
             plan.reason,
         )
 
-    def fresh_model(self, precision: str) -> keras.Model:
-        """The model compiled for this run, its optimizer's slots made before any restore."""
+    def fresh_model(self, precision: str, epoch: int) -> keras.Model:
+        """The model compiled for this run and readied for epoch `epoch` (prepare_epoch), its
+        optimizer's slots made before any restore."""
         model = self.model_type.compiled_model(
             self.params,
             self.data.image_shape,
@@ -208,6 +211,7 @@ class KerasTrainer:
             train_size=self.data.train_size,
             precision=precision,
         )
+        self.model_type.prepare_epoch(model, self.params, epoch, train_size=self.data.train_size)
         model.optimizer.build(model.trainable_variables)
         return model
 
@@ -246,6 +250,8 @@ class KerasTrainer:
         averaging = [_replica_averaging(steps)] if strategy is not None else []
         with watchdog:
             for epoch in range(progress.first_epoch, params.epochs):
+                with strategy.scope() if strategy else contextlib.nullcontext():
+                    self.model_type.prepare_epoch(model, params, epoch, train_size=data.train_size)
                 arguments = self.epoch_arguments(epoch, (y_train, y_val), strategy)
                 callbacks = [
                     _batch_progress(epoch, params.epochs, steps, watchdog.beat),
@@ -305,7 +311,7 @@ class KerasTrainer:
         device would have left them: a model made in a strategy's scope keeps using it, and its
         predict_on_batch runs the whole batch on every device, returning each row twice."""
         trained = training_state(model)
-        model = self.fresh_model(precision)
+        model = self.fresh_model(precision, self.params.epochs - 1)
         restore_training_state(model, trained)
         return model
 

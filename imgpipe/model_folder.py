@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class ModelMeta:
     width: int
     color: str
     class_names: list[str]
+    # what training started from besides random numbers (pretrained: weights, weights_sha256)
+    start: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_type(self) -> ModelType:

@@ -134,6 +134,9 @@ class PipelineParams(Section):
                     f"models.{model_name} names view {view_name!r}; "
                     f"defined views: {', '.join(sorted(self.views))}"
                 )
+            problem = known[model_name].view_problem(self.views[view_name].shape)
+            if problem:
+                raise ValueError(f"models.{model_name}: {problem}")
         return self
 
     def model_section(self, model_name: str) -> Section:

@@ -137,6 +137,17 @@ class ModelType(ABC):
         devices): the NumPy and scikit-learn ones."""
         raise NotImplementedError(f"{type(self).__name__} must define fit() or train()")
 
+    def starting_point(self, params: Any) -> dict[str, str]:
+        """What training starts from besides seeded random numbers (a weights file's name and
+        SHA-256), logged with the run and in meta.json; {} by default. Called before any table
+        is read: a model type whose starting weights cannot be had stops here, saying why."""
+        return {}
+
+    def view_problem(self, shape: tuple[int, int, int]) -> str | None:
+        """Why a view of images (H, W, C) cannot feed this model type (checked with params.yaml),
+        or None: any view by default."""
+        return None
+
     def planned_epochs(self, params: Any) -> int:
         """How many epochs train() runs with these params (its `epochs` knob by default)."""
         return params.epochs

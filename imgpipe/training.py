@@ -121,18 +121,18 @@ def train_model(
     With checkpoint_dir, a model type that trains epoch by epoch saves every epoch there, and an
     interrupted run resumes from it (in the same MLflow run). A table whose pixels exceed
     train.stream_over_mb is streamed by row group instead of read whole (decided from its
-    footer). The MLflow store is checked before anything else, then the tables' footers: an
-    unreachable server, a wrong view or a model type that cannot stream a table too big to
-    read stops training before any pixels are read.
-    """
+    footer). What training starts from (ModelType.starting_point) is checked first, then the
+    MLflow store and the tables' footers: missing starting weights, an unreachable server, a
+    wrong view or a table too big for a model type that cannot stream it stop training before
+    any pixels are read."""
     from imgpipe.tracking.connection import open_store  # deferred: importing mlflow takes seconds
 
     entry = model_type(model_name)
     section = params.model_section(model_name)
     view = params.view_of(model_name)  # a model not under `models:` stops here, with the list
     view_name = params.models[model_name]
+    start = entry.starting_point(section)  # weights that cannot be had stop it here, first
     store = open_store(params.tracking)
-
     paths = (tables_dir / "train.parquet", tables_dir / "val.parquet")  # train, val
     class_names = _class_names(paths[0], view_name, view)
     streamed = _streamed_tables(model_name, entry, params.train, *paths)
@@ -142,6 +142,7 @@ def train_model(
     logged_params = {
         **run_params(model_name, params, data.train_size, data.val_size),
         "classes": ",".join(class_names),
+        **({"start": start} if start else {}),  # start.weights_sha256 (also fingerprinted)
     }
     resumable_dir = checkpoint_dir if entry.resumable else None
     run, checkpoint = _open_run(store, model_name, dataset, paths, logged_params, resumable_dir)
@@ -159,7 +160,7 @@ def train_model(
                 checkpoint=checkpoint,
                 devices=params.train.devices,
             )
-        meta = _model_meta(model_name, view_name, view, class_names)
+        meta = _model_meta(model_name, view_name, view, class_names, start)
         summary = _save_model(folder, meta, result, run, checkpoint)
         _log_trained_model(run, folder, meta, result, summary, streamed)
     except BaseException:
@@ -265,9 +266,14 @@ def _open_run(
 
 
 def _model_meta(
-    model_name: str, view_name: str, view: ViewParams, class_names: list[str]
+    model_name: str,
+    view_name: str,
+    view: ViewParams,
+    class_names: list[str],
+    start: dict[str, str],
 ) -> ModelMeta:
-    """meta.json of the trained model: its type, its input view and its classes."""
+    """meta.json of the trained model: its type, its input view, its classes and what its
+    training started from (ModelType.starting_point)."""
     return ModelMeta(
         model=model_name,
         view=view_name,
@@ -275,6 +281,7 @@ def _model_meta(
         width=view.width,
         color=view.color,
         class_names=list(class_names),
+        start=dict(start),
     )
 
 

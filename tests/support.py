@@ -105,7 +105,7 @@ def copy_project(folder: Path) -> None:
     """Copy the project's code and configuration (no data, no git) into folder."""
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy(ROOT / name, folder / name)
-    for code in ("stages", "imgpipe"):
+    for code in ("stages", "imgpipe", "weights"):  # weights/: the `weights` stage's dep
         shutil.copytree(ROOT / code, folder / code, ignore=shutil.ignore_patterns("__pycache__"))
     (folder / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", folder / ".dvc" / "config")

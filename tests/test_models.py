@@ -367,7 +367,7 @@ def test_flip_tta_off_keeps_the_trained_model(small_cnn: CnnParams) -> None:
 
 def test_the_registry_finds_every_model_module() -> None:
     types = model_types()
-    assert list(types) == sorted(["cnn", "dense", "logreg", "numpy_mlp"])
+    assert list(types) == sorted(["cnn", "dense", "logreg", "numpy_mlp", "pretrained"])
     for entry in types.values():
         assert isinstance(entry, ModelType)
         assert entry.weights_file

@@ -42,7 +42,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
 def test_first_repro_runs_every_stage(project: tuple[Path, dict[str, str]]) -> None:
     repo, _ = project
     ran = stages_run((repo / "first_repro.log").read_text())
-    expected = {"demo", "split", "tabulate"} | {
+    expected = {"demo", "split", "tabulate", "weights"} | {
         f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS
     }
     assert ran == expected
