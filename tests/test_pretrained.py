@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,7 @@ def stop_after(epoch_to_stop: int) -> Any:
 
     def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
         if epoch == epoch_to_stop:
-            raise TrainingKilledError
+            raise TrainingKilledError(f"killed after epoch {epoch + 1}")
 
     return on_epoch_end
 
@@ -184,10 +185,10 @@ def test_a_run_stopped_at_each_phase_resumes_to_the_straight_runs_weights(
     params = section(weights=str(weights_file[0]), fine_tune={"epochs": 2, "learning_rate": 0.01})
     checkpoint = TrainingCheckpoint(tmp_path / "checkpoint", "fingerprint")
     # stopped in the first fine-tuning epoch: the checkpoint holds the frozen phase only
-    with pytest.raises(TrainingKilledError):
+    with pytest.raises(TrainingKilledError, match="killed after epoch 2"):
         train(digits, params, checkpoint=checkpoint, on_epoch_end=stop_after(1))
     # resumed into the fine-tuning phase, stopped in its second epoch: one fine-tuned epoch kept
-    with pytest.raises(TrainingKilledError):
+    with pytest.raises(TrainingKilledError, match="killed after epoch 3"):
         train(digits, params, checkpoint=checkpoint, on_epoch_end=stop_after(2))
     assert checkpoint.load().epochs_done == 2
     resumed = train(digits, params, checkpoint=checkpoint)
@@ -255,7 +256,7 @@ def test_offline_imagenet_stops_before_any_work_naming_the_file_and_where_it_goe
     backbone = BACKBONES[raw["pretrained"]["backbone"]]
     cached = tmp_path / "keras" / "models" / backbone.imagenet_file
     assert keras_cache_file(backbone.imagenet_file) == cached
-    with pytest.raises(StageError) as raised:
+    with pytest.raises(StageError, match=re.escape(backbone.imagenet_file)) as raised:
         train_model(
             "pretrained",
             parse_params(raw),
