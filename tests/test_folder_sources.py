@@ -14,7 +14,7 @@ import yaml
 
 from imgpipe import images
 from imgpipe.images import RawSource
-from tests.support import BIN, command_env, load_repo_params, make_image, run_stage_in_process
+from tests.support import BIN, command_env, load_repo_params, make_image, run_stage_subprocess
 
 REPORT = "data/split-report.json"
 
@@ -38,7 +38,11 @@ def class_folders(raw: Path, per_class: int = 4) -> None:
 def split_in(project: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict[str, str]]:
     """Run split in project; (the report, skipped path -> reason)."""
     monkeypatch.chdir(project)
-    run_stage_in_process("split", "--out", "data/split", "--report", REPORT)
+    # its own process, as DVC runs it: split forks workers, and a fork of a test worker that
+    # holds TensorFlow's threads can deadlock (seen once in CI)
+    run_stage_subprocess(
+        ["stages.split", "--out", "data/split", "--report", REPORT], project, project / "split.log"
+    )
     report = json.loads((project / REPORT).read_text())
     return report, {item["path"]: item["reason"] for item in report["skipped"]}
 
