@@ -134,13 +134,53 @@ def small_params(path: Path, models: Mapping[str, str], *, epochs: int) -> dict[
 
 def run_stage_in_process(stage: str, *arguments: str) -> None:
     """Run `python -m stages.<stage> arguments...` in this process (faster than a subprocess):
-    the stage's own entry point, its argument parsing and its `[stage] message` exits."""
+    the stage's own entry point, its argument parsing and its `[stage] message` exits. Not for
+    split and tabulate, which fork: run_forking_stage."""
     saved = sys.argv
     sys.argv = [f"stages/{stage}.py", *arguments]
     try:
         runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=False)
     finally:
         sys.argv = saved
+
+
+_EXIT_MARK = "\n@@stage-exit@@"
+_FRESH_STAGE = """
+import runpy, sys
+sys.argv = ["stages/{stage}.py", *sys.argv[1:]]
+try:
+    runpy.run_module("stages.{stage}", run_name="__main__", alter_sys=False)
+except SystemExit as stop:
+    if stop.code not in (None, 0):
+        sys.stderr.write({mark!r} + str(stop.code))
+        sys.exit(1)
+"""
+
+
+def run_forking_stage(stage: str, *arguments: str, setup: str = "") -> str:
+    """Run `python -m stages.<stage> arguments...` to completion in a new interpreter, in the
+    current directory, after the Python statements `setup` (a test's patches); return its output.
+    Where the stage exits with a message, raise SystemExit with that message, as the stage's own
+    exit would in this process (run_stage_in_process).
+
+    For the stages that fork worker processes (split, tabulate): a fork of a test worker that
+    holds TensorFlow's threads (a test before it trained a model there) can deadlock in the
+    child, which waits for a lock that one of those threads held, so they never fork from the
+    test process.
+    """
+    code = setup + _FRESH_STAGE.format(stage=stage, mark=_EXIT_MARK)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *arguments],
+        env=checkout_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode == 0:
+        return result.stdout + result.stderr
+    if _EXIT_MARK in result.stderr:
+        raise SystemExit(result.stderr.rsplit(_EXIT_MARK, 1)[1])
+    pytest.fail(f"stages.{stage} crashed (exit {result.returncode}):\n{result.stderr[-4000:]}")
 
 
 def start_stage(args: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:

@@ -22,7 +22,7 @@ from imgpipe.demo import write_demo_images
 from imgpipe.images import decode_image, split_files
 from imgpipe.splitting import SPLITS, Record, destination_names
 from imgpipe.tables import read_table, table_info
-from tests.support import data_stage_params, run_stage_in_process
+from tests.support import data_stage_params, run_forking_stage
 
 VIEWS = {
     "gray16": {"height": 16, "width": 16, "color": "grayscale"},
@@ -83,7 +83,7 @@ class Run:
 
 def _run_split(directory: Path, name: str = "split") -> tuple[Path, dict[str, Any]]:
     split_dir, report_path = directory / name, directory / f"{name}-report.json"
-    run_stage_in_process("split", "--out", str(split_dir), "--report", str(report_path))
+    run_forking_stage("split", "--out", str(split_dir), "--report", str(report_path))
     return split_dir, json.loads(report_path.read_text(encoding="utf-8"))
 
 
@@ -92,7 +92,7 @@ def _run(directory: Path, name: str = "run", with_tables: bool = True) -> Run:
     tables_dir = None
     if with_tables:
         tables_dir = directory / f"{name}-tables"
-        run_stage_in_process("tabulate", "--split", str(split_dir), "--out", str(tables_dir))
+        run_forking_stage("tabulate", "--split", str(split_dir), "--out", str(tables_dir))
     return Run(split_dir, report, tables_dir)
 
 
@@ -289,10 +289,12 @@ def _tabulate_with(
     params["tabulate"]["workers"] = workers
     (directory / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     out = directory / name
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tabulating, "IMAGES_PER_TASK", per_task)
-        patch.setattr(tabulating, "TASK_BYTES", task_bytes)
-        run_stage_in_process("tabulate", "--split", str(split_dir), "--out", str(out))
+    setup = (
+        "import imgpipe.tabulating as tabulating\n"
+        f"tabulating.IMAGES_PER_TASK = {per_task}\n"
+        f"tabulating.TASK_BYTES = {task_bytes}\n"
+    )
+    run_forking_stage("tabulate", "--split", str(split_dir), "--out", str(out), setup=setup)
     return out
 
 
@@ -585,7 +587,7 @@ def test_bad_params_stop_the_stage_before_any_work(
     with pytest.raises(SystemExit, match=r"split\.ratios"):
         _run_split(tmp_path)
     with pytest.raises(SystemExit, match=r"split\.ratios"):
-        run_stage_in_process(
+        run_forking_stage(
             "tabulate", "--split", str(tmp_path / "split"), "--out", str(tmp_path / "tables")
         )
     assert not (tmp_path / "split").exists() and not (tmp_path / "tables").exists()
@@ -596,10 +598,12 @@ def test_tabulate_without_fork_says_what_to_do(
 ) -> None:
     _write_params(tmp_path, tmp_path)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # Windows
+    windows = "import multiprocessing\nmultiprocessing.get_all_start_methods = lambda: ['spawn']\n"
     with pytest.raises(SystemExit, match=r"'fork' start method.*WSL"):
-        run_stage_in_process(
-            "tabulate", "--split", str(first_run.split_dir), "--out", str(tmp_path / "tables")
+        run_forking_stage(
+            "tabulate",
+            *("--split", str(first_run.split_dir), "--out", str(tmp_path / "tables")),
+            setup=windows,
         )
     assert not (tmp_path / "tables").exists()
 

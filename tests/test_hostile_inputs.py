@@ -33,7 +33,7 @@ from tests.support import (
     exif_rotated_jpeg,
     load_repo_params,
     make_image,
-    run_stage_in_process,
+    run_forking_stage,
     write_tree,
     write_zip,
 )
@@ -114,8 +114,8 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(project)
-        run_stage_in_process("split", "--out", "split", "--report", "report.json")
-        run_stage_in_process("tabulate", "--split", "split", "--out", "tables")
+        run_forking_stage("split", "--out", "split", "--report", "report.json")
+        run_forking_stage("tabulate", "--split", "split", "--out", "tables")
     yield project, json.loads((project / "report.json").read_text())
 
 
@@ -174,7 +174,7 @@ def test_kaggle_zip_with_names_that_do_not_follow_the_pattern(
     archive = write_zip(tmp_path / "train.zip", entries)
     write_params(tmp_path, archive)
     monkeypatch.chdir(tmp_path)
-    run_stage_in_process("split", "--out", "split", "--report", "report.json")
+    run_forking_stage("split", "--out", "split", "--report", "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["classes"] == ["cat", "dog"]
     assert report["selected"] == 8
@@ -227,7 +227,7 @@ def test_archive_that_tries_to_escape_is_refused_and_nothing_written(
     monkeypatch.chdir(project)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(SystemExit, match=r"^\[split\] refusing") as caught:
-        run_stage_in_process("split", "--out", "data/split", "--report", "data/split-report.json")
+        run_forking_stage("split", "--out", "data/split", "--report", "data/split-report.json")
     message = str(caught.value.code)
     assert reason in message and "Re-pack" in message
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
@@ -250,7 +250,7 @@ def test_zip_bomb_entry_is_skipped_without_being_read(
     assert archive.stat().st_size < 2**20
     write_params(tmp_path, archive)
     monkeypatch.chdir(tmp_path)
-    run_stage_in_process("split", "--out", "split", "--report", "report.json")
+    run_forking_stage("split", "--out", "split", "--report", "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     skipped = {item["path"]: item["reason"] for item in report["skipped"]}
     assert list(skipped) == ["cat/bomb.bmp"]
