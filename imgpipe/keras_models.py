@@ -68,8 +68,12 @@ class KerasParams(ScheduledTraining):
         return self
 
 
-def build_optimizer(params: KerasParams, total_steps: int) -> keras.optimizers.Optimizer:
-    """The section's optimizer with its learning-rate schedule and weight decay.
+def build_optimizer(
+    params: KerasParams, total_steps: int, *, average: float = 0.0
+) -> keras.optimizers.Optimizer:
+    """The section's optimizer with its learning-rate schedule and weight decay, and with
+    `average` > 0 an exponential moving average of the weights (that momentum) kept in its
+    variables, updated after every step.
 
     exponential: lr * decay_rate ** (step / decay_steps) (decay_rate 1.0 = constant);
     cosine: a linear warm-up from 0 to lr over warmup_epochs (as a share of total_steps), then
@@ -95,8 +99,17 @@ def build_optimizer(params: KerasParams, total_steps: int) -> keras.optimizers.O
         )
     # (explicit for adamw too: Keras' AdamW decays by 0.004 unless told otherwise)
     decay = params.weight_decay or params.optimizer == "adamw"
-    options = {"weight_decay": params.weight_decay} if decay else {}
-    return getattr(keras.optimizers, OPTIMIZERS[params.optimizer])(learning_rate=rate, **options)
+    options: dict[str, Any] = {"weight_decay": params.weight_decay} if decay else {}
+    if average:
+        options.update(use_ema=True, ema_momentum=average)
+    optimizer = getattr(keras.optimizers, OPTIMIZERS[params.optimizer])(
+        learning_rate=rate, **options
+    )
+    if average:
+        # each `fit` ends by copying the averages into the weights; training runs one `fit` per
+        # epoch, so that waits for the end of the run (KerasTrainer.use_weight_average)
+        optimizer.finalize_variable_values = lambda var_list: None
+    return optimizer
 
 
 def training_loss(params: KerasParams) -> str | keras.losses.Loss:
@@ -144,11 +157,18 @@ class KerasModelType(ModelType):
             keras.mixed_precision.set_dtype_policy("float32")
         steps = params.epochs * math.ceil(train_size / params.batch_size)
         model.compile(
-            optimizer=build_optimizer(params, total_steps=steps),
+            optimizer=build_optimizer(
+                params, total_steps=steps, average=self.weight_average(params)
+            ),
             loss=training_loss(params),
             metrics=["accuracy"],
         )
         return model
+
+    def weight_average(self, params: Any) -> float:
+        """Momentum of the exponential moving average of the weights that training ends with
+        (see KerasTrainer.use_weight_average); 0: the last step's weights."""
+        return 0.0
 
     def prepare_epoch(
         self, model: keras.Model, params: Any, epoch: int, *, train_size: int

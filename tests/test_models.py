@@ -224,7 +224,10 @@ def test_cnn_with_every_option_survives_save_and_safe_load(
     )
 
 
-@pytest.mark.parametrize(("stem", "size_after_stem"), [("conv3x3", 16), ("conv3x3_stride2", 8)])
+@pytest.mark.parametrize(
+    ("stem", "size_after_stem"),
+    [("conv3x3", 16), ("conv3x3_stride2", 8), ("patch2", 8), ("patch4", 4)],
+)
 def test_cnn_stem_and_residual_blocks(
     small_cnn: CnnParams, stem: str, size_after_stem: int
 ) -> None:
@@ -233,7 +236,11 @@ def test_cnn_stem_and_residual_blocks(
     )
     model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
 
-    assert model.get_layer("stem").output.shape[1:] == (size_after_stem, size_after_stem, 4)
+    stem_layer = model.get_layer("stem")
+    assert stem_layer.output.shape[1:] == (size_after_stem, size_after_stem, 4)
+    if stem.startswith("patch"):  # non-overlapping patches: kernel and stride the same size
+        n = int(stem.removeprefix("patch"))
+        assert stem_layer.kernel_size == stem_layer.strides == (n, n)
     # per block: two 3x3 convolutions and a 1x1 shortcut, added before the block's last ReLU
     for block, filters in enumerate([4, 8], start=1):
         shortcut = model.get_layer(f"block{block}_shortcut")
@@ -809,8 +816,9 @@ def test_a_resumed_run_keeps_the_precision_of_the_interrupted_one(
 def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_run(
     small_cnn: CnnParams, digits: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
-    """Stem, residual blocks, AdamW with warm-up, label smoothing and flip averaging: a run
-    stopped after its first epoch and resumed ends exactly where a straight run does."""
+    """Stem, residual blocks, AdamW with warm-up, label smoothing, a weight average and flip
+    averaging: a run stopped after its first epoch and resumed ends exactly where a straight run
+    does."""
     subset = {key: value[:192] for key, value in digits.items()}
     section = cnn_params(
         small_cnn,
@@ -825,6 +833,7 @@ def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_r
         warmup_epochs=1.0,
         label_smoothing=0.1,
         flip_tta=True,
+        ema=0.9,
         batch_size=32,
         epochs=3,
         precision="float32",
@@ -855,3 +864,41 @@ def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_r
     assert resumed.model.name == straight.model.name == "cnn_flip_tta"
     for a, b in zip(resumed.model.get_weights(), straight.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_ema_ends_with_the_averaged_weights_and_their_own_batch_norm_statistics(
+    small_cnn: CnnParams, digits: dict[str, np.ndarray]
+) -> None:
+    subset = {key: value[:192] for key, value in digits.items()}
+    section = cnn_params(
+        small_cnn, filters=[4, 8], flip_tta=False, batch_size=32, epochs=2, precision="float32"
+    )
+    last = fit("cnn", section.model_copy(update={"ema": 0.0}), **subset, num_classes=10, seed=5)
+    averaged = fit("cnn", section.model_copy(update={"ema": 0.9}), **subset, num_classes=10, seed=5)
+
+    # the average does not steer training: every epoch's figures are the same
+    assert averaged.history == last.history
+    # the model ends with the optimizer's averages, which are not the last step's weights
+    model = averaged.model
+    averages = model.optimizer._model_variables_moving_average
+    for weight, average in zip(model.trainable_variables, averages, strict=True):
+        np.testing.assert_array_equal(np.asarray(weight), np.asarray(average))
+    changed = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(model.trainable_variables, last.model.trainable_variables, strict=True)
+    ]
+    assert all(changed)
+    # and batch norm's moving statistics were measured again for them
+    moving = [v for v in model.non_trainable_variables if "moving" in v.path]
+    before = [v for v in last.model.non_trainable_variables if "moving" in v.path]
+    assert moving and all(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(moving, before, strict=True)
+    )
+    for key in ("val_accuracy_averaged", "val_accuracy_last_weights"):
+        assert 0.0 <= averaged.choices[key] <= 1.0
+    assert averaged.choices["val_accuracy_last_weights"] == pytest.approx(
+        last.history["val_accuracy"][-1]
+    )
+    assert "val_accuracy_averaged" not in last.choices

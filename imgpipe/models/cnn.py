@@ -40,7 +40,12 @@ class CnnParams(KerasParams):
     # a 3x3 convolution (filters[0] wide, batch norm, ReLU) before the blocks; with stride 2 it
     # halves height and width, and every block after it costs a quarter as much; _pool adds a
     # 2x2 max-pool after it (a quarter of the height and width, as ResNet's stem)
-    stem: Literal["none", "conv3x3", "conv3x3_stride2", "conv3x3_stride2_pool"]
+    # patchN: an NxN convolution with stride N (non-overlapping patches, as ConvNeXt's stem):
+    # height and width divided by N with no larger intermediate maps (patch4 on 128x128 costs
+    # the blocks what conv3x3_stride2 on 64x64 does)
+    stem: Literal[
+        "none", "conv3x3", "conv3x3_stride2", "conv3x3_stride2_pool", "patch2", "patch3", "patch4"
+    ]
     filters: list[int] = Field(min_length=1)
     convs_per_block: int = Field(ge=1)
     # each block adds a shortcut to its last convolution's output (before the last ReLU)
@@ -59,6 +64,10 @@ class CnnParams(KerasParams):
     # saved, evaluated and served model: the mean of the probabilities for the image and for
     # its left-right mirror image (twice the prediction work)
     flip_tta: bool
+    # momentum of an exponential moving average of the weights, updated after every step; the
+    # trained model ends with the average (its batch-norm statistics measured again for it);
+    # 0 = none, the last step's weights
+    ema: float = Field(ge=0, lt=1)
 
     @model_validator(mode="after")
     def _positive_filters(self) -> CnnParams:
@@ -179,7 +188,10 @@ class CnnType(KerasModelType):
         x = layers.Rescaling(1.0 / 255, name="scale")(x)
         for step in _augmentation(params.augment):
             x = step(x)
-        if params.stem != "none":
+        if params.stem.startswith("patch"):
+            size = int(params.stem.removeprefix("patch"))
+            x = _conv(x, params.filters[0], "stem", params, size=size, stride=size)
+        elif params.stem != "none":
             x = _conv(
                 x, params.filters[0], "stem", params, stride=2 if "stride2" in params.stem else 1
             )
@@ -188,6 +200,10 @@ class CnnType(KerasModelType):
         for block, filters in enumerate(params.filters, start=1):
             x = _block(x, block, filters, params)
         return keras.Model(inputs, _head(x, num_classes, params), name="cnn")
+
+    def weight_average(self, params: CnnParams) -> float:
+        """cnn.ema."""
+        return params.ema
 
     def inference_model(self, model: keras.Model, params: CnnParams) -> keras.Model:
         """With flip_tta, a model around the trained one that averages its probabilities for
