@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imgpipe.checkpoints import NOT_MODEL_SHAPING
 from imgpipe.registry import module_file
 from tests.support import ROOT
 
@@ -194,6 +195,12 @@ def test_the_check_sees_deferred_imports_and_skips_type_checking_ones() -> None:
 def test_not_output_shaping_modules_exist() -> None:
     for path in NOT_OUTPUT_SHAPING:
         assert (ROOT / path).is_file(), path
+
+
+def test_the_checkpoint_digest_leaves_out_exactly_these_modules() -> None:
+    """A checkpoint's code digest covers what train@<model>'s deps cover: one list of the
+    modules left out (imgpipe/checkpoints.py), the reasons for each here."""
+    assert set(NOT_OUTPUT_SHAPING) == NOT_MODEL_SHAPING
 
 
 def _plotted_models(plot: dict | str) -> set[str]:
