@@ -12,7 +12,7 @@ from keras import layers
 from imgpipe.checkpoints import TrainingCheckpoint
 from imgpipe.keras_models import OPTIMIZERS, KerasModelType, build_optimizer
 from imgpipe.keras_training import in_memory_batches, seed_everything
-from imgpipe.models.cnn import CnnParams, custom_layers
+from imgpipe.models.cnn import CnnParams, ProgressiveParams, custom_layers
 from imgpipe.models.dense import DenseParams
 from imgpipe.models.numpy_mlp import NumpyMlpParams
 from imgpipe.numpy_net import NumpyMLP
@@ -816,13 +816,13 @@ def test_a_resumed_run_keeps_the_precision_of_the_interrupted_one(
 def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_run(
     small_cnn: CnnParams, digits: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
-    """Stem, residual blocks, AdamW with warm-up, label smoothing, a weight average and flip
-    averaging: a run stopped after its first epoch and resumed ends exactly where a straight run
-    does."""
+    """Stem, residual blocks, AdamW with warm-up, label smoothing, progressive resizing, a
+    weight average and flip averaging: a run stopped after its first epoch and resumed (in the
+    small images' phase) ends exactly where a straight run does."""
     subset = {key: value[:192] for key, value in digits.items()}
     section = cnn_params(
         small_cnn,
-        stem="conv3x3_stride2",
+        stem="conv3x3",  # (8x8 digits at half size leave no room for a stride-2 stem)
         residual=True,
         convs_per_block=2,
         filters=[4, 8],
@@ -834,6 +834,7 @@ def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_r
         label_smoothing=0.1,
         flip_tta=True,
         ema=0.9,
+        progressive=ProgressiveParams(epochs=2, scale=0.5),
         batch_size=32,
         epochs=3,
         precision="float32",
@@ -902,3 +903,56 @@ def test_ema_ends_with_the_averaged_weights_and_their_own_batch_norm_statistics(
         last.history["val_accuracy"][-1]
     )
     assert "val_accuracy_averaged" not in last.choices
+
+
+def test_a_progressively_resized_cnn_survives_save_and_safe_load(
+    small_cnn: CnnParams, tmp_path: Path
+) -> None:
+    section = cnn_params(small_cnn, progressive=ProgressiveParams(epochs=1, scale=0.5))
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
+    CNN.prepare_epoch(model, section, 0, train_size=64)  # set to half size for training
+    model.save(tmp_path / "model.keras")
+    loaded = CNN.load(tmp_path / "model.keras")
+
+    assert loaded.get_layer("progressive_resize").height == 0  # the full view, always
+    pixels = random_pixels((4, *RGB_SHAPE), seed=2)
+    np.testing.assert_array_equal(
+        loaded.predict(pixels, verbose=0), model.predict(pixels, verbose=0)
+    )
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_progressive_resizing_trains_small_first_and_predicts_on_the_full_view(
+    small_cnn: CnnParams, precision: str
+) -> None:
+    section = cnn_params(
+        small_cnn,
+        stem="conv3x3",
+        progressive=ProgressiveParams(epochs=2, scale=0.5),
+        epochs=3,
+        precision=precision,
+    )
+    model = CNN.compiled_model(section, RGB_SHAPE, NUM_CLASSES, train_size=64, precision=precision)
+    to_stem = keras.Model(model.input, model.get_layer("stem").output)
+    pixels = random_pixels((2, *RGB_SHAPE))
+    sizes = []
+    for epoch in range(3):
+        CNN.prepare_epoch(model, section, epoch, train_size=64)
+        sizes.append(tuple(to_stem(pixels, training=True).shape[1:3]))
+        assert tuple(to_stem(pixels, training=False).shape[1:3]) == (16, 16)
+    assert sizes == [(8, 8), (8, 8), (16, 16)]
+    model.fit(pixels, np.eye(NUM_CLASSES)[[0, 1]], epochs=1, verbose=0)  # trains at either size
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"epochs": 3, "progressive": {"epochs": 3, "scale": 0.5}}, "must be less than epochs"),
+        ({"pooling": "flatten", "progressive": {"epochs": 1, "scale": 0.5}}, "global_average"),
+    ],
+)
+def test_progressive_resizing_ends_on_the_full_view_with_a_pooled_head(
+    small_cnn: CnnParams, update: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        CnnParams(**{**small_cnn.model_dump(), **update})

@@ -34,6 +34,15 @@ class AugmentParams(Section):
     crop: float = Field(ge=0, lt=0.5)
 
 
+class ProgressiveParams(Section):
+    """params.yaml `cnn.progressive:`, progressive resizing: smaller images first."""
+
+    # the first `epochs` epochs train on images resized to `scale` of the view's height and
+    # width (about scale squared of the work), the rest on the full view; 0 = none
+    epochs: int = Field(ge=0)
+    scale: float = Field(gt=0, le=1)
+
+
 class CnnParams(KerasParams):
     """params.yaml `cnn:`."""
 
@@ -68,6 +77,21 @@ class CnnParams(KerasParams):
     # trained model ends with the average (its batch-norm statistics measured again for it);
     # 0 = none, the last step's weights
     ema: float = Field(ge=0, lt=1)
+    progressive: ProgressiveParams
+
+    @model_validator(mode="after")
+    def _full_view_last(self) -> CnnParams:
+        if self.progressive.epochs and self.pooling != "global_average":
+            raise ValueError(
+                "progressive resizing needs pooling: global_average (flatten's head is sized for "
+                "one image size): set progressive.epochs to 0 or pooling to global_average"
+            )
+        if self.progressive.epochs >= self.epochs:
+            raise ValueError(
+                f"progressive.epochs ({self.progressive.epochs}) must be less than epochs "
+                f"({self.epochs}): the last epochs train on the full view the model predicts on"
+            )
+        return self
 
     @model_validator(mode="after")
     def _positive_filters(self) -> CnnParams:
@@ -188,6 +212,8 @@ class CnnType(KerasModelType):
         x = layers.Rescaling(1.0 / 255, name="scale")(x)
         for step in _augmentation(params.augment):
             x = step(x)
+        if params.progressive.epochs:  # the full view until prepare_epoch says otherwise
+            x = custom_layers()["TrainingResize"](name="progressive_resize")(x)
         if params.stem.startswith("patch"):
             size = int(params.stem.removeprefix("patch"))
             x = _conv(x, params.filters[0], "stem", params, size=size, stride=size)
@@ -200,6 +226,21 @@ class CnnType(KerasModelType):
         for block, filters in enumerate(params.filters, start=1):
             x = _block(x, block, filters, params)
         return keras.Model(inputs, _head(x, num_classes, params), name="cnn")
+
+    def prepare_epoch(
+        self, model: keras.Model, params: CnnParams, epoch: int, *, train_size: int
+    ) -> None:
+        """Progressive resizing: the image size epoch `epoch` trains on (traced again when it
+        changes); nothing without it."""
+        if not params.progressive.epochs:
+            return
+        layer = model.get_layer("progressive_resize")
+        height, width = model.input_shape[1:3]
+        scale = params.progressive.scale if epoch < params.progressive.epochs else 1.0
+        size = (max(round(height * scale), 1), max(round(width * scale), 1))
+        if (layer.height, layer.width) != size:
+            layer.height, layer.width = size
+            model.train_function = None  # Keras traces the training step again for the new size
 
     def weight_average(self, params: CnnParams) -> float:
         """cnn.ema."""
@@ -233,6 +274,8 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
     Keras.
 
     MirrorLeftRight flips images (N, H, W, C) left to right, always, not only in training.
+    TrainingResize resizes training batches to the size prepare_epoch sets (progressive
+    resizing), and passes everything else through.
     RandomCropShift, in training only, shifts each image by a random whole number of pixels, up
     to `fraction` of its height and width each way, filling the edges by reflection, as padding
     and a random crop of the original size would; one gather of the (uint8) batch, with no
@@ -279,7 +322,28 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
         def get_config(self) -> dict[str, Any]:
             return {**super().get_config(), "fraction": self.fraction, "seed": self.seed}
 
-    return {"MirrorLeftRight": MirrorLeftRight, "RandomCropShift": RandomCropShift}
+    @keras.saving.register_keras_serializable(package="imgpipe")
+    class TrainingResize(keras.layers.Layer):
+        # (height, width) that training batches are resized to (bilinear, antialiased); 0: as
+        # they come. Set between epochs (CnnType.prepare_epoch), not saved: a loaded model, and
+        # every prediction, sees the full view
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.height = self.width = 0
+
+        def call(self, images: Any, training: bool | None = None) -> Any:
+            if not training or not self.height or images.shape[1:3] == (self.height, self.width):
+                return images
+            return ops.image.resize(images, (self.height, self.width), antialias=True)
+
+        def compute_output_shape(self, input_shape: tuple) -> tuple:
+            return input_shape  # as at prediction; training's size changes between epochs
+
+    return {
+        "MirrorLeftRight": MirrorLeftRight,
+        "RandomCropShift": RandomCropShift,
+        "TrainingResize": TrainingResize,
+    }
 
 
 MODEL_TYPE = CnnType()
