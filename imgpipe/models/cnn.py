@@ -209,11 +209,12 @@ class CnnType(KerasModelType):
         x = inputs
         if params.augment.crop > 0:  # on the uint8 batch: a quarter of float32's bytes to move
             x = custom_layers()["RandomCropShift"](params.augment.crop, name="crop")(x)
+        if params.progressive.epochs:  # the full view until prepare_epoch says otherwise; first,
+            # so that everything after it works on the smaller images
+            x = custom_layers()["TrainingResize"](name="progressive_resize")(x)
         x = layers.Rescaling(1.0 / 255, name="scale")(x)
         for step in _augmentation(params.augment):
             x = step(x)
-        if params.progressive.epochs:  # the full view until prepare_epoch says otherwise
-            x = custom_layers()["TrainingResize"](name="progressive_resize")(x)
         if params.stem.startswith("patch"):
             size = int(params.stem.removeprefix("patch"))
             x = _conv(x, params.filters[0], "stem", params, size=size, stride=size)
@@ -324,8 +325,8 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
 
     @keras.saving.register_keras_serializable(package="imgpipe")
     class TrainingResize(keras.layers.Layer):
-        # (height, width) that training batches are resized to (bilinear, antialiased); 0: as
-        # they come. Set between epochs (CnnType.prepare_epoch), not saved: a loaded model, and
+        # (height, width) that training batches (uint8 pixels) are resized to (bilinear,
+        # antialiased, rounded); 0: as they come. Set between epochs (CnnType.prepare_epoch), not saved: a loaded model, and
         # every prediction, sees the full view
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
@@ -334,7 +335,11 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
         def call(self, images: Any, training: bool | None = None) -> Any:
             if not training or not self.height or images.shape[1:3] == (self.height, self.width):
                 return images
-            return ops.image.resize(images, (self.height, self.width), antialias=True)
+            size = (self.height, self.width)
+            resized = ops.image.resize(ops.cast(images, "float32"), size, antialias=True)
+            if images.dtype == "uint8":  # pixels stay pixels: rounded, as a smaller view's
+                resized = ops.cast(ops.clip(ops.round(resized), 0, 255), "uint8")
+            return resized
 
         def compute_output_shape(self, input_shape: tuple) -> tuple:
             return input_shape  # as at prediction; training's size changes between epochs
