@@ -5,8 +5,10 @@ time budget is stated in units of E_ref: the wall time of one training epoch of 
 CNN (REFERENCE below: four VGG blocks 32-64-128-256 with one convolution each, batch norm,
 global average pooling, 64x64 RGB, flip, rotation, zoom and shift augmentation, float32, batch
 64) on the 16,000 training images of ../shared/data/dogs-vs-cats/train.zip. For the reference
-and for the CNN that params.yaml trains, in float32 (the precision both targets are judged in)
-and, where `auto` resolves to bfloat16 as `train@cnn` resolves it, in bfloat16 too, it prints
+and for the CNN that params.yaml trains (on its own view, `models.cnn`; with progressive
+resizing, an epoch of each phase: the smaller images' and the full view's), in float32 (the
+precision both targets are judged in) and, where `auto` resolves to bfloat16 as `train@cnn`
+resolves it, in bfloat16 too, it prints
 images/s, forward FLOPs per image counted from the model, the training GFLOP/s that makes (3x
 forward: forward, input gradients, weight gradients) and its share of the machine's peak in
 that precision, measured in the same run with a large Conv2D and a large matmul in TensorFlow.
@@ -26,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +107,26 @@ def peak_gflops(precision: str) -> dict[str, float]:
     return best
 
 
-def warm_model(section: Any, data: Any, precision: str) -> tuple[Any, Any]:
-    """The model compiled as train@cnn compiles it, and its training targets (all images).
+@dataclass(frozen=True)
+class Timed:
+    """One net timed: its section, precision and training images, and the epoch whose set-up
+    (CnnType.prepare_epoch: progressive resizing's image size) its epochs get."""
+
+    section: Any
+    precision: str
+    data: Any
+    epoch: int
+
+    @property
+    def scale(self) -> float:
+        """The share of the view's height and width this epoch trains on."""
+        progressive = self.section.progressive
+        return progressive.scale if self.epoch < progressive.epochs else 1.0
+
+
+def warm_model(section: Any, data: Any, precision: str, epoch: int = 0) -> tuple[Any, Any]:
+    """The model compiled as train@cnn compiles it, readied for epoch `epoch`, and its training
+    targets (all images).
 
     Three batches go through `fit` first: `fit` traces its own step function (not the one
     `train_on_batch` traces) once per training run, and that one-off trace, seconds for a deep
@@ -124,6 +145,7 @@ def warm_model(section: Any, data: Any, precision: str) -> tuple[Any, Any]:
         train_size=len(data.x_train),
         precision=precision,
     )
+    cnn.prepare_epoch(model, section, epoch, train_size=len(data.x_train))
     warm = 3 * section.batch_size
     batches = in_memory_batches(data.x_train[:warm], targets[:warm], section.batch_size)
     model.fit(batches, shuffle=False, verbose=0)
@@ -131,7 +153,7 @@ def warm_model(section: Any, data: Any, precision: str) -> tuple[Any, Any]:
 
 
 def epoch_seconds(
-    configs: dict[str, tuple[Any, str]], data: Any, repeats: int
+    configs: dict[str, Timed], repeats: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Each net's training epoch (no validation) in seconds, and its model.
 
@@ -150,8 +172,10 @@ def epoch_seconds(
 
     cnn = model_type("cnn")
     models, targets = {}, {}
-    for name, (section, precision) in configs.items():
-        models[name], targets[name] = warm_model(section, data, precision)
+    for name, timed in configs.items():
+        models[name], targets[name] = warm_model(
+            timed.section, timed.data, timed.precision, timed.epoch
+        )
 
     class Stamps(keras.callbacks.Callback):
         def __init__(self) -> None:
@@ -163,11 +187,12 @@ def epoch_seconds(
 
     slices: dict[str, list[float]] = {name: [float("inf")] * PARTS for name in configs}
     for repeat in range(repeats):
-        for name, (section, _) in configs.items():
+        for name, timed in configs.items():
             stamps = Stamps()
             started = time.perf_counter()
             # epoch 0's input exactly as train@cnn makes it (data has no val rows)
-            fed = cnn.epoch_input(section, data, (targets[name], data.y_val), seed=0, epoch=0)
+            data = timed.data
+            fed = cnn.epoch_input(timed.section, data, (targets[name], data.y_val), seed=0, epoch=0)
             models[name].fit(**fed, verbose=0, callbacks=[stamps])
             ended = time.perf_counter()
             # slice k ends with batch cuts[k]; the last slice also holds fit's wind-down
@@ -263,24 +288,35 @@ def main(argv: list[str] | None = None) -> int:
     from imgpipe.registry import TrainingData, model_type
     from imgpipe.tables import read_table
 
+    params = load_params(REPO / "params.yaml")
+    current = params.cnn
+    shape = params.views[params.models["cnn"]]
+    if shape.height != shape.width:
+        raise SystemExit(f"train_speed.py times square views; models.cnn's is {shape}")
+    views = {"reference": harness.View(64, "rgb"), "cnn": harness.View(shape.height, shape.color)}
+    data = {}
     with tempfile.TemporaryDirectory(prefix="imgpipe-train-speed-") as work:
-        view = harness.View(64, "rgb")
-        tables = harness.tabulated_project(
-            Path(work) / "project",
-            Path(work) / "stages.log",
-            raw=raw,
-            view=view,
-            images=args.images,
-        )
-        train = read_table(tables / "train.parquet", with_sources=False)
-    data = TrainingData(
-        train.pixels, train.labels, train.pixels[:0], train.labels[:0], len(train.class_names)
-    )
-    print(f"data: {len(train.labels):,} training images of 64x64 RGB", flush=True)
+        for view in dict.fromkeys(views.values()):  # each view tabulated once
+            tables = harness.tabulated_project(
+                Path(work) / view.name,
+                Path(work) / "stages.log",
+                raw=raw,
+                view=view,
+                images=args.images,
+            )
+            train = read_table(tables / "train.parquet", with_sources=False)
+            data[view] = TrainingData(
+                train.pixels,
+                train.labels,
+                train.pixels[:0],
+                train.labels[:0],
+                len(train.class_names),
+            )
+            print(f"data: {len(train.labels):,} training images of {view.name}", flush=True)
+    reference_data, cnn_data = data[views["reference"]], data[views["cnn"]]
 
-    current = load_params(REPO / "params.yaml").cnn
     reference = CnnParams.model_validate({**current.model_dump(), **REFERENCE}, strict=False)
-    choice = choose_precision(model_type("cnn"), current, data, bfloat16_hardware())
+    choice = choose_precision(model_type("cnn"), current, cnn_data, bfloat16_hardware())
     print(
         f"params.yaml's cnn: precision {current.precision} -> {choice.precision} ({choice.reason})"
     )
@@ -289,42 +325,59 @@ def main(argv: list[str] | None = None) -> int:
     # The time budget and the utilisation target are judged in float32, the reference's precision
     # and what a CPU without bfloat16 runs; where `auto` picks bfloat16, that is timed too.
     default = "params.yaml's cnn"
-    configs = {"reference (E_ref)": (reference, "float32"), default: (current, "float32")}
+    small = current.progressive.epochs  # epochs on smaller images first (progressive resizing)
+    last = current.epochs - 1  # an epoch on the full view
+    configs = {
+        "reference (E_ref)": Timed(reference, "float32", reference_data, 0),
+        default: Timed(current, "float32", cnn_data, last),
+    }
+    if small:
+        configs[f"{default}, first {small} epochs"] = Timed(current, "float32", cnn_data, 0)
     if choice.precision != "float32":
-        configs[AUTO] = (current, choice.precision)
-    same = reference.model_dump(exclude={"precision"}) == current.model_dump(exclude={"precision"})
+        configs[AUTO] = Timed(current, choice.precision, cnn_data, last)
+        if small:
+            configs[f"{AUTO}, first {small} epochs"] = Timed(current, choice.precision, cnn_data, 0)
+    same = reference.model_dump(exclude={"precision"}) == current.model_dump(
+        exclude={"precision"}
+    ) and (views["reference"] == views["cnn"])
     if same:
         print("params.yaml's cnn is the reference here: timed once in float32, reported for both")
     timed = {k: v for k, v in configs.items() if not (same and k == default)}
-    epochs, models = epoch_seconds(timed, data, args.repeats)
+    epochs, models = epoch_seconds(timed, args.repeats)
     if same:
         epochs[default] = epochs["reference (E_ref)"]
         models[default] = models["reference (E_ref)"]
     e_ref = epochs["reference (E_ref)"]
     rows = []
     results = {}
-    for name, (section, precision) in configs.items():
+    for name, config in configs.items():
         seconds, model = epochs[name], models[name]
-        flops = forward_flops(model)
-        images_per_second = len(data.x_train) / seconds
+        # the layers' shapes are the full view's: a smaller image's work shrinks with its area
+        flops = forward_flops(model) * config.scale**2
+        images_per_second = len(config.data.x_train) / seconds
         achieved = 3 * flops * images_per_second / 1e9
-        peak = max(peaks[precision].values())
+        peak = max(peaks[config.precision].values())
+        in_phase = small if config.scale < 1 else config.section.epochs - small
+        if name == "reference (E_ref)":
+            in_phase = config.section.epochs
         results[name] = {
             "seconds": seconds,
             "utilisation": achieved / peak,
-            "x_e_ref": section.epochs * seconds / e_ref,  # the whole run, in units of E_ref
+            "x_e_ref": in_phase * seconds / e_ref,  # this phase of the run, in units of E_ref
         }
         rows.append(
             [
                 name,
-                precision,
+                config.precision,
+                f"{config.data.x_train.shape[1]}x{config.data.x_train.shape[2]}"
+                + (f" at {config.scale:g}" if config.scale < 1 else ""),
                 f"{seconds:.1f}",
                 f"{images_per_second:.0f}",
                 f"{flops / 1e6:.1f}",
                 f"{achieved:.1f}",
                 f"{peak:.1f}",
                 f"{100 * achieved / peak:.1f}%",
-                f"{section.epochs}",
+                f"{in_phase}",
                 f"{results[name]['x_e_ref']:.1f}",
             ]
         )
@@ -332,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             "CNN",
             "precision",
+            "images",
             "epoch s",
             "images/s",
             "fwd MFLOP/image",
@@ -353,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "\nwhere a training step of params.yaml's cnn goes (ms per batch of "
         f"{current.batch_size}, {choice.precision}, the fastest of 5 interleaved rounds of 5):"
     )
-    parts = step_breakdown(current, data, choice.precision)
+    parts = step_breakdown(current, cnn_data, choice.precision)
     for part, ms in parts.items():
         print(f"  {part:<55} {ms:8.1f}")
     whole = parts["whole step (with augmentation)"]
@@ -372,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
 
     reference_use = results["reference (E_ref)"]["utilisation"]
     float32 = results[default]
-    budget = float32["x_e_ref"]
+    budget = float32["x_e_ref"] + (
+        results[f"{default}, first {small} epochs"]["x_e_ref"] if small else 0
+    )
     print(f"\nE_ref = {e_ref:.1f} s on this machine\ntargets:")
     targets = harness.Targets()
     targets.check(
@@ -388,9 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if AUTO in results:
         auto = results[AUTO]
+        whole = auto["x_e_ref"] + (
+            results[f"{AUTO}, first {small} epochs"]["x_e_ref"] if small else 0
+        )
         targets.info(
             f"in {choice.precision}, as `auto` trains here: "
-            f"{auto['x_e_ref']:.1f} x E_ref; utilisation "
+            f"{whole:.1f} x E_ref; utilisation "
             f"{100 * auto['utilisation']:.1f}% of the {choice.precision} peak, "
             f"{auto['utilisation'] / reference_use:.2f}x the reference's share of the float32 peak"
         )
