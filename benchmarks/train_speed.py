@@ -52,6 +52,8 @@ REFERENCE = {
     "dropout": 0.3,
     "augment": {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1, "shift": 0.1, "crop": 0.0},
     "flip_tta": False,
+    "ema": 0.0,
+    "progressive": {"epochs": 0, "scale": 0.5},
     "optimizer": "adam",
     "learning_rate": 0.001,
     "weight_decay": 0.0,
