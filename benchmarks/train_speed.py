@@ -53,7 +53,7 @@ REFERENCE = {
     "augment": {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1, "shift": 0.1, "crop": 0.0},
     "flip_tta": False,
     "ema": 0.0,
-    "progressive": {"epochs": 0, "scale": 0.5},
+    "progressive": {"fraction": 0.0, "scale": 0.5},
     "optimizer": "adam",
     "learning_rate": 0.001,
     "weight_decay": 0.0,
@@ -122,8 +122,8 @@ class Timed:
     @property
     def scale(self) -> float:
         """The share of the view's height and width this epoch trains on."""
-        progressive = self.section.progressive
-        return progressive.scale if self.epoch < progressive.epochs else 1.0
+        small = self.section.small_epochs
+        return self.section.progressive.scale if self.epoch < small else 1.0
 
 
 def warm_model(section: Any, data: Any, precision: str, epoch: int = 0) -> tuple[Any, Any]:
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     # The time budget and the utilisation target are judged in float32, the reference's precision
     # and what a CPU without bfloat16 runs; where `auto` picks bfloat16, that is timed too.
     default = "params.yaml's cnn"
-    small = current.progressive.epochs  # epochs on smaller images first (progressive resizing)
+    small = current.small_epochs  # epochs on smaller images first (progressive resizing)
     last = current.epochs - 1  # an epoch on the full view
     configs = {
         "reference (E_ref)": Timed(reference, "float32", reference_data, 0),

@@ -834,7 +834,7 @@ def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_r
         label_smoothing=0.1,
         flip_tta=True,
         ema=0.9,
-        progressive=ProgressiveParams(epochs=2, scale=0.5),
+        progressive=ProgressiveParams(fraction=0.6, scale=0.5),  # 2 of 3 epochs
         batch_size=32,
         epochs=3,
         precision="float32",
@@ -908,7 +908,7 @@ def test_ema_ends_with_the_averaged_weights_and_their_own_batch_norm_statistics(
 def test_a_progressively_resized_cnn_survives_save_and_safe_load(
     small_cnn: CnnParams, tmp_path: Path
 ) -> None:
-    section = cnn_params(small_cnn, progressive=ProgressiveParams(epochs=1, scale=0.5))
+    section = cnn_params(small_cnn, progressive=ProgressiveParams(fraction=0.5, scale=0.5))
     model = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
     CNN.prepare_epoch(model, section, 0, train_size=64)  # set to half size for training
     model.save(tmp_path / "model.keras")
@@ -928,7 +928,7 @@ def test_progressive_resizing_trains_small_first_and_predicts_on_the_full_view(
     section = cnn_params(
         small_cnn,
         stem="conv3x3",
-        progressive=ProgressiveParams(epochs=2, scale=0.5),
+        progressive=ProgressiveParams(fraction=0.5, scale=0.5),  # 2 of 3 (rounded up)
         epochs=3,
         precision=precision,
     )
@@ -947,8 +947,8 @@ def test_progressive_resizing_trains_small_first_and_predicts_on_the_full_view(
 @pytest.mark.parametrize(
     ("update", "message"),
     [
-        ({"epochs": 3, "progressive": {"epochs": 3, "scale": 0.5}}, "must be less than epochs"),
-        ({"pooling": "flatten", "progressive": {"epochs": 1, "scale": 0.5}}, "global_average"),
+        ({"epochs": 3, "progressive": {"fraction": 0.9, "scale": 0.5}}, "none on the full view"),
+        ({"pooling": "flatten", "progressive": {"fraction": 0.5, "scale": 0.5}}, "global_average"),
     ],
 )
 def test_progressive_resizing_ends_on_the_full_view_with_a_pooled_head(

@@ -8,6 +8,7 @@ With `flip_tta` the saved model averages its predictions for each image and its 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,9 +38,10 @@ class AugmentParams(Section):
 class ProgressiveParams(Section):
     """params.yaml `cnn.progressive:`, progressive resizing: smaller images first."""
 
-    # the first `epochs` epochs train on images resized to `scale` of the view's height and
-    # width (about scale squared of the work), the rest on the full view; 0 = none
-    epochs: int = Field(ge=0)
+    # this share of the epochs (rounded), the first ones, train on images resized to `scale` of
+    # the view's height and width (about scale squared of the work), the rest on the full view;
+    # a share, so that `-S cnn.epochs=N` keeps the proportion; 0 = none
+    fraction: float = Field(ge=0, lt=1)
     scale: float = Field(gt=0, le=1)
 
 
@@ -81,17 +83,22 @@ class CnnParams(KerasParams):
 
     @model_validator(mode="after")
     def _full_view_last(self) -> CnnParams:
-        if self.progressive.epochs and self.pooling != "global_average":
+        if self.small_epochs and self.pooling != "global_average":
             raise ValueError(
                 "progressive resizing needs pooling: global_average (flatten's head is sized for "
-                "one image size): set progressive.epochs to 0 or pooling to global_average"
+                "one image size): set progressive.fraction to 0 or pooling to global_average"
             )
-        if self.progressive.epochs >= self.epochs:
+        if self.small_epochs >= self.epochs:
             raise ValueError(
-                f"progressive.epochs ({self.progressive.epochs}) must be less than epochs "
-                f"({self.epochs}): the last epochs train on the full view the model predicts on"
+                f"progressive.fraction {self.progressive.fraction} of {self.epochs} epochs leaves "
+                "none on the full view the model predicts on: lower it"
             )
         return self
+
+    @property
+    def small_epochs(self) -> int:
+        """How many epochs, the first ones, train on smaller images (progressive resizing)."""
+        return math.floor(self.progressive.fraction * self.epochs + 0.5)
 
     @model_validator(mode="after")
     def _positive_filters(self) -> CnnParams:
@@ -209,7 +216,7 @@ class CnnType(KerasModelType):
         x = inputs
         if params.augment.crop > 0:  # on the uint8 batch: a quarter of float32's bytes to move
             x = custom_layers()["RandomCropShift"](params.augment.crop, name="crop")(x)
-        if params.progressive.epochs:  # the full view until prepare_epoch says otherwise; first,
+        if params.small_epochs:  # the full view until prepare_epoch says otherwise; first,
             # so that everything after it works on the smaller images
             x = custom_layers()["TrainingResize"](name="progressive_resize")(x)
         x = layers.Rescaling(1.0 / 255, name="scale")(x)
@@ -233,11 +240,11 @@ class CnnType(KerasModelType):
     ) -> None:
         """Progressive resizing: the image size epoch `epoch` trains on (traced again when it
         changes); nothing without it."""
-        if not params.progressive.epochs:
+        if not params.small_epochs:
             return
         layer = model.get_layer("progressive_resize")
         height, width = model.input_shape[1:3]
-        scale = params.progressive.scale if epoch < params.progressive.epochs else 1.0
+        scale = params.progressive.scale if epoch < params.small_epochs else 1.0
         size = (max(round(height * scale), 1), max(round(width * scale), 1))
         if (layer.height, layer.width) != size:
             layer.height, layer.width = size
@@ -326,8 +333,8 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
     @keras.saving.register_keras_serializable(package="imgpipe")
     class TrainingResize(keras.layers.Layer):
         # (height, width) that training batches (uint8 pixels) are resized to (bilinear,
-        # antialiased, rounded); 0: as they come. Set between epochs (CnnType.prepare_epoch), not saved: a loaded model, and
-        # every prediction, sees the full view
+        # antialiased, rounded); 0: as they come. Set between epochs (CnnType.prepare_epoch),
+        # not saved: a loaded model, and every prediction, sees the full view
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.height = self.width = 0
