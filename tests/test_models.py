@@ -945,14 +945,18 @@ def test_progressive_resizing_trains_small_first_and_predicts_on_the_full_view(
 
 
 @pytest.mark.parametrize(
-    ("update", "message"),
-    [
-        ({"epochs": 3, "progressive": {"fraction": 0.9, "scale": 0.5}}, "none on the full view"),
-        ({"pooling": "flatten", "progressive": {"fraction": 0.5, "scale": 0.5}}, "global_average"),
-    ],
+    ("epochs", "fraction", "small"), [(22, 0.5, 11), (3, 0.5, 2), (3, 0.9, 2), (1, 0.5, 0)]
 )
-def test_progressive_resizing_ends_on_the_full_view_with_a_pooled_head(
-    small_cnn: CnnParams, update: dict, message: str
+def test_progressive_resizing_rounds_its_share_and_ends_on_the_full_view(
+    small_cnn: CnnParams, epochs: int, fraction: float, small: int
 ) -> None:
-    with pytest.raises(ValueError, match=message):
-        CnnParams(**{**small_cnn.model_dump(), **update})
+    progressive = {"fraction": fraction, "scale": 0.5}
+    update = {"epochs": epochs, "warmup_epochs": 0.0, "progressive": progressive}
+    section = CnnParams(**{**small_cnn.model_dump(), **update})
+    assert section.small_epochs == small
+
+
+def test_progressive_resizing_needs_a_pooled_head(small_cnn: CnnParams) -> None:
+    progressive = {"fraction": 0.5, "scale": 0.5}
+    with pytest.raises(ValueError, match="global_average"):
+        CnnParams(**{**small_cnn.model_dump(), "pooling": "flatten", "progressive": progressive})

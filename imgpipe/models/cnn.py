@@ -38,9 +38,9 @@ class AugmentParams(Section):
 class ProgressiveParams(Section):
     """params.yaml `cnn.progressive:`, progressive resizing: smaller images first."""
 
-    # this share of the epochs (rounded), the first ones, train on images resized to `scale` of
-    # the view's height and width (about scale squared of the work), the rest on the full view;
-    # a share, so that `-S cnn.epochs=N` keeps the proportion; 0 = none
+    # this share of the epochs (rounded, and never the last), the first ones, train on images
+    # resized to `scale` of the view's height and width (about scale squared of the work), the
+    # rest on the full view; a share, so that `-S cnn.epochs=N` keeps the proportion; 0 = none
     fraction: float = Field(ge=0, lt=1)
     scale: float = Field(gt=0, le=1)
 
@@ -88,17 +88,13 @@ class CnnParams(KerasParams):
                 "progressive resizing needs pooling: global_average (flatten's head is sized for "
                 "one image size): set progressive.fraction to 0 or pooling to global_average"
             )
-        if self.small_epochs >= self.epochs:
-            raise ValueError(
-                f"progressive.fraction {self.progressive.fraction} of {self.epochs} epochs leaves "
-                "none on the full view the model predicts on: lower it"
-            )
         return self
 
     @property
     def small_epochs(self) -> int:
-        """How many epochs, the first ones, train on smaller images (progressive resizing)."""
-        return math.floor(self.progressive.fraction * self.epochs + 0.5)
+        """How many epochs, the first ones, train on smaller images (progressive resizing):
+        progressive.fraction of them, rounded, always leaving the last on the full view."""
+        return min(math.floor(self.progressive.fraction * self.epochs + 0.5), self.epochs - 1)
 
     @model_validator(mode="after")
     def _positive_filters(self) -> CnnParams:
