@@ -159,7 +159,7 @@ class KerasTrainer:
         seconds = self.run_epochs(model, strategy, progress)
         if strategy is not None:
             model = self.copy_to_one_device(model, choice.precision)
-        averaged = self.use_weight_average(model) if model.optimizer.use_ema else {}
+        averaged = use_weight_average(self, model) if model.optimizer.use_ema else {}
         return self.result(model, progress, seconds, choice, plan, averaged)
 
     def device_plan(self) -> tuple[DevicePlan, tf.distribute.Strategy | None]:
@@ -311,52 +311,6 @@ class KerasTrainer:
         )
         return {k: float(fitted.history[k][-1]) for k in HISTORY_KEYS if k in fitted.history}
 
-    def use_weight_average(self, model: keras.Model) -> dict[str, float]:
-        """Give the trained model the optimizer's moving average of its weights, then measure
-        its batch-norm statistics again for them (the moving statistics followed the last
-        weights, not the average): RECALIBRATION_BATCHES training batches in training mode, in
-        a fixed order, so a resumed run ends the same. Returns the validation accuracy before and
-        after (logged as metrics)."""
-        import itertools
-
-        params, data = self.params, self.data
-        targets = (
-            self.model_type.targets(params, data.y_train, data.num_classes),
-            self.model_type.targets(params, data.y_val, data.num_classes),
-        )
-        before = self.val_accuracy(model, targets)
-        model.optimizer._overwrite_model_variables_with_average_value(model.trainable_variables)
-        batches = self.model_type.epoch_input(
-            params, data, targets, seed=self.seed, epoch=params.epochs
-        )["x"]
-        for pixels, _ in itertools.islice(batches, RECALIBRATION_BATCHES):
-            model(pixels, training=True)
-        after = self.val_accuracy(model, targets)
-        log.info(
-            "weights averaged (momentum %g), batch-norm statistics measured again on %d "
-            "batches: validation accuracy %.4f, against %.4f with the last step's weights",
-            model.optimizer.ema_momentum,
-            RECALIBRATION_BATCHES,
-            after,
-            before,
-        )
-        return {"val_accuracy_last_weights": before, "val_accuracy_averaged": after}
-
-    def val_accuracy(self, model: keras.Model, targets: tuple[np.ndarray, np.ndarray]) -> float:
-        """The model's accuracy on the validation split, as `fit` measures it after an epoch."""
-        arguments = self.model_type.epoch_input(
-            self.params, self.data, targets, seed=self.seed, epoch=self.params.epochs
-        )
-        if arguments["validation_data"] is None:
-            return float("nan")
-        scores = model.evaluate(
-            arguments["validation_data"],
-            steps=arguments.get("validation_steps"),
-            verbose=0,
-            return_dict=True,
-        )
-        return float(scores["accuracy"])
-
     def copy_to_one_device(self, model: keras.Model, precision: str) -> keras.Model:
         """The trained model and optimizer copied onto one device (plain variables), as one
         device would have left them: a model made in a strategy's scope keeps using it, and its
@@ -397,6 +351,55 @@ class KerasTrainer:
                 **averaged,
             },
         )
+
+
+def use_weight_average(trainer: KerasTrainer, model: keras.Model) -> dict[str, float]:
+    """Give the trained model the optimizer's moving average of its weights, then measure its
+    batch-norm statistics again for them (the moving statistics followed the last weights, not
+    the average): RECALIBRATION_BATCHES training batches in training mode, in a fixed order, so a
+    resumed run ends the same. Returns the validation accuracy before and after (logged as
+    metrics)."""
+    import itertools
+
+    model_type, params, data = trainer.model_type, trainer.params, trainer.data
+    targets = (
+        model_type.targets(params, data.y_train, data.num_classes),
+        model_type.targets(params, data.y_val, data.num_classes),
+    )
+    before = _val_accuracy(trainer, model, targets)
+    model.optimizer._overwrite_model_variables_with_average_value(model.trainable_variables)
+    batches = model_type.epoch_input(params, data, targets, seed=trainer.seed, epoch=params.epochs)
+    for pixels, _ in itertools.islice(batches["x"], RECALIBRATION_BATCHES):
+        model(pixels, training=True)
+    after = _val_accuracy(trainer, model, targets)
+    log.info(
+        "weights averaged (momentum %g), batch-norm statistics measured again on %d batches: "
+        "validation accuracy %.4f, against %.4f with the last step's weights",
+        model.optimizer.ema_momentum,
+        RECALIBRATION_BATCHES,
+        after,
+        before,
+    )
+    return {"val_accuracy_last_weights": before, "val_accuracy_averaged": after}
+
+
+def _val_accuracy(
+    trainer: KerasTrainer, model: keras.Model, targets: tuple[np.ndarray, np.ndarray]
+) -> float:
+    """The model's accuracy on the validation split, as `fit` measures it after an epoch."""
+    params = trainer.params
+    arguments = trainer.model_type.epoch_input(
+        params, trainer.data, targets, seed=trainer.seed, epoch=params.epochs
+    )
+    if arguments["validation_data"] is None:
+        return float("nan")
+    scores = model.evaluate(
+        arguments["validation_data"],
+        steps=arguments.get("validation_steps"),
+        verbose=0,
+        return_dict=True,
+    )
+    return float(scores["accuracy"])
 
 
 def _resume_advice(checkpoint: TrainingCheckpoint | None, epochs_done: int) -> str:

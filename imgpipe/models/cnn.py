@@ -326,6 +326,18 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
         def get_config(self) -> dict[str, Any]:
             return {**super().get_config(), "fraction": self.fraction, "seed": self.seed}
 
+    return {
+        "MirrorLeftRight": MirrorLeftRight,
+        "RandomCropShift": RandomCropShift,
+        "TrainingResize": _training_resize(),
+    }
+
+
+def _training_resize() -> type[keras.layers.Layer]:
+    """custom_layers' TrainingResize (see there)."""
+    import keras
+    from keras import ops
+
     @keras.saving.register_keras_serializable(package="imgpipe")
     class TrainingResize(keras.layers.Layer):
         # (height, width) that training batches (uint8 pixels) are resized to (bilinear,
@@ -347,11 +359,7 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
         def compute_output_shape(self, input_shape: tuple) -> tuple:
             return input_shape  # as at prediction; training's size changes between epochs
 
-    return {
-        "MirrorLeftRight": MirrorLeftRight,
-        "RandomCropShift": RandomCropShift,
-        "TrainingResize": TrainingResize,
-    }
+    return TrainingResize
 
 
 MODEL_TYPE = CnnType()
