@@ -58,8 +58,12 @@ def small_dense(params: Params) -> DenseParams:
 
 @pytest.fixture(scope="module")
 def small_cnn(params: Params) -> CnnParams:
-    """The repo's cnn section with two small blocks (augmentation as in params.yaml)."""
-    return params.cnn.model_copy(update={"filters": [4, 8], "head_units": 8})
+    """The repo's cnn section with two small blocks (augmentation as in params.yaml), without
+    progressive resizing (8x8 digits at half size leave too little for the blocks' pools)."""
+    no_resizing = ProgressiveParams(fraction=0.0, scale=0.5)
+    return params.cnn.model_copy(
+        update={"filters": [4, 8], "head_units": 8, "progressive": no_resizing}
+    )
 
 
 def cnn_params(base: CnnParams, *, augment: dict | None = None, **update: object) -> CnnParams:
