@@ -107,7 +107,7 @@ def build_optimizer(
     )
     if average:
         # each `fit` ends by copying the averages into the weights; training runs one `fit` per
-        # epoch, so that waits for the end of the run (KerasTrainer.use_weight_average)
+        # epoch, so that waits for the end of the run (keras_training.use_weight_average)
         optimizer.finalize_variable_values = lambda var_list: None
     return optimizer
 
@@ -167,7 +167,7 @@ class KerasModelType(ModelType):
 
     def weight_average(self, params: Any) -> float:
         """Momentum of the exponential moving average of the weights that training ends with
-        (see KerasTrainer.use_weight_average); 0: the last step's weights."""
+        (see keras_training.use_weight_average); 0: the last step's weights."""
         return 0.0
 
     def prepare_epoch(

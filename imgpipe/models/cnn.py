@@ -82,7 +82,7 @@ class CnnParams(KerasParams):
     progressive: ProgressiveParams
 
     @model_validator(mode="after")
-    def _full_view_last(self) -> CnnParams:
+    def _resizing_needs_a_pooled_head(self) -> CnnParams:
         if self.small_epochs and self.pooling != "global_average":
             raise ValueError(
                 "progressive resizing needs pooling: global_average (flatten's head is sized for "
