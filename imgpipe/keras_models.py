@@ -243,15 +243,23 @@ class KerasModelType(ModelType):
                 "steps_per_epoch": data.train_stream.batch_count(params.batch_size),
                 "shuffle": False,  # the stream shuffled it
             }
+        return {**arguments, **self.validation_input(params, data, y_val)}
+
+    def validation_input(
+        self, params: KerasParams, data: TrainingData, y_val: np.ndarray
+    ) -> dict[str, Any]:
+        """`fit`'s (and `evaluate`'s) validation arguments: a streamed val table's batches in
+        file order, or the table in memory (its targets y_val) batched as it is; None where
+        there are no val rows."""
         if data.val_stream is not None:
             batches = data.val_stream.ordered_batches(params.batch_size)
-            arguments["validation_data"] = self.fed_batches(params, batches, data.num_classes)
-            arguments["validation_steps"] = data.val_stream.batch_count(params.batch_size)
-        else:
-            arguments["validation_data"] = (
-                in_memory_batches(data.x_val, y_val, params.batch_size) if len(data.x_val) else None
-            )
-        return arguments
+            return {
+                "validation_data": self.fed_batches(params, batches, data.num_classes),
+                "validation_steps": data.val_stream.batch_count(params.batch_size),
+            }
+        if not len(data.x_val):
+            return {"validation_data": None}
+        return {"validation_data": in_memory_batches(data.x_val, y_val, params.batch_size)}
 
     def fed_batches(
         self,

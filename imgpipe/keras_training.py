@@ -366,12 +366,12 @@ def use_weight_average(trainer: KerasTrainer, model: keras.Model) -> dict[str, f
         model_type.targets(params, data.y_train, data.num_classes),
         model_type.targets(params, data.y_val, data.num_classes),
     )
-    before = _val_accuracy(trainer, model, targets)
+    before = _val_accuracy(trainer, model, targets[1])
     model.optimizer._overwrite_model_variables_with_average_value(model.trainable_variables)
     batches = model_type.epoch_input(params, data, targets, seed=trainer.seed, epoch=params.epochs)
     for pixels, _ in itertools.islice(batches["x"], RECALIBRATION_BATCHES):
         model(pixels, training=True)
-    after = _val_accuracy(trainer, model, targets)
+    after = _val_accuracy(trainer, model, targets[1])
     log.info(
         "weights averaged (momentum %g), batch-norm statistics measured again on %d batches: "
         "validation accuracy %.4f, against %.4f with the last step's weights",
@@ -383,14 +383,10 @@ def use_weight_average(trainer: KerasTrainer, model: keras.Model) -> dict[str, f
     return {"val_accuracy_last_weights": before, "val_accuracy_averaged": after}
 
 
-def _val_accuracy(
-    trainer: KerasTrainer, model: keras.Model, targets: tuple[np.ndarray, np.ndarray]
-) -> float:
-    """The model's accuracy on the validation split, as `fit` measures it after an epoch."""
-    params = trainer.params
-    arguments = trainer.model_type.epoch_input(
-        params, trainer.data, targets, seed=trainer.seed, epoch=params.epochs
-    )
+def _val_accuracy(trainer: KerasTrainer, model: keras.Model, y_val: np.ndarray) -> float:
+    """The model's accuracy on the validation split (its targets y_val), as `fit` measures it
+    after an epoch."""
+    arguments = trainer.model_type.validation_input(trainer.params, trainer.data, y_val)
     if arguments["validation_data"] is None:
         return float("nan")
     scores = model.evaluate(
