@@ -120,10 +120,20 @@ class Timed:
     epoch: int
 
     @property
+    def small(self) -> bool:
+        """Whether this epoch trains on smaller images (progressive resizing's first phase)."""
+        return self.epoch < self.section.small_epochs
+
+    @property
     def scale(self) -> float:
         """The share of the view's height and width this epoch trains on."""
+        return self.section.progressive.scale if self.small else 1.0
+
+    @property
+    def epochs(self) -> int:
+        """How many of the run's epochs are like this one (its phase's)."""
         small = self.section.small_epochs
-        return self.section.progressive.scale if self.epoch < small else 1.0
+        return small if self.small else self.section.epochs - small
 
 
 def warm_model(section: Any, data: Any, precision: str, epoch: int = 0) -> tuple[Any, Any]:
@@ -274,6 +284,18 @@ def step_breakdown(
     return parts
 
 
+def first_phase(name: str, small: int) -> str:
+    """The name under which a net's epoch on smaller images is timed."""
+    return f"{name}, first {small} epochs"
+
+
+def run_x_e_ref(results: dict[str, dict[str, float]], name: str, small: int) -> float:
+    """A net's whole run in units of E_ref: its full-view epochs, and its epochs on smaller
+    images where it has them."""
+    phases = [name, first_phase(name, small)] if small else [name]
+    return sum(results[phase]["x_e_ref"] for phase in phases)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = harness.argument_parser(
         __doc__,
@@ -334,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         default: Timed(current, "float32", cnn_data, last),
     }
     if small:
-        configs[f"{default}, first {small} epochs"] = Timed(current, "float32", cnn_data, 0)
+        configs[first_phase(default, small)] = Timed(current, "float32", cnn_data, 0)
     if choice.precision != "float32":
         configs[AUTO] = Timed(current, choice.precision, cnn_data, last)
         if small:
-            configs[f"{AUTO}, first {small} epochs"] = Timed(current, choice.precision, cnn_data, 0)
+            configs[first_phase(AUTO, small)] = Timed(current, choice.precision, cnn_data, 0)
     same = reference.model_dump(exclude={"precision"}) == current.model_dump(
         exclude={"precision"}
     ) and (views["reference"] == views["cnn"])
@@ -359,27 +381,24 @@ def main(argv: list[str] | None = None) -> int:
         images_per_second = len(config.data.x_train) / seconds
         achieved = 3 * flops * images_per_second / 1e9
         peak = max(peaks[config.precision].values())
-        in_phase = small if config.scale < 1 else config.section.epochs - small
-        if name == "reference (E_ref)":
-            in_phase = config.section.epochs
         results[name] = {
             "seconds": seconds,
             "utilisation": achieved / peak,
-            "x_e_ref": in_phase * seconds / e_ref,  # this phase of the run, in units of E_ref
+            "x_e_ref": config.epochs * seconds / e_ref,  # this phase of the run, in E_ref
         }
         rows.append(
             [
                 name,
                 config.precision,
                 f"{config.data.x_train.shape[1]}x{config.data.x_train.shape[2]}"
-                + (f" at {config.scale:g}" if config.scale < 1 else ""),
+                + (f" at {config.scale:g}" if config.small else ""),
                 f"{seconds:.1f}",
                 f"{images_per_second:.0f}",
                 f"{flops / 1e6:.1f}",
                 f"{achieved:.1f}",
                 f"{peak:.1f}",
                 f"{100 * achieved / peak:.1f}%",
-                f"{in_phase}",
+                f"{config.epochs}",
                 f"{results[name]['x_e_ref']:.1f}",
             ]
         )
@@ -428,9 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reference_use = results["reference (E_ref)"]["utilisation"]
     float32 = results[default]
-    budget = float32["x_e_ref"] + (
-        results[f"{default}, first {small} epochs"]["x_e_ref"] if small else 0
-    )
+    budget = run_x_e_ref(results, default, small)
     print(f"\nE_ref = {e_ref:.1f} s on this machine\ntargets:")
     targets = harness.Targets()
     targets.check(
@@ -446,9 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if AUTO in results:
         auto = results[AUTO]
-        whole = auto["x_e_ref"] + (
-            results[f"{AUTO}, first {small} epochs"]["x_e_ref"] if small else 0
-        )
+        whole = run_x_e_ref(results, AUTO, small)
         targets.info(
             f"in {choice.precision}, as `auto` trains here: "
             f"{whole:.1f} x E_ref; utilisation "
