@@ -224,16 +224,17 @@ class KerasModelType(ModelType):
         """`fit`'s data arguments for one epoch, training and validation; targets are
         targets() of data.y_train and data.y_val.
 
-        A table in memory: its rows in epoch_order (a uint8 copy, never floats), batched by
-        in_memory_batches, as is the val table in memory, in its own order. A streamed
-        table: its batches through the shuffle buffer, whose order also depends only on (seed,
-        epoch). A streamed val table: its batches in file order.
+        A table in memory: the rows of training_pixels in epoch_order (uint8, never floats),
+        batched by in_memory_batches, as is the val table in memory, in its own order. A
+        streamed table: its batches through the shuffle buffer, whose order also depends only
+        on (seed, epoch). A streamed val table: its batches in file order.
         """
         y_train, y_val = targets
         if data.train_stream is None:
-            order = epoch_order(len(data.x_train), seed, epoch)  # reproducibly per epoch
+            pixels = self.training_pixels(params, data, epoch)
+            order = epoch_order(len(pixels), seed, epoch)  # reproducibly per epoch
             arguments = {
-                "x": in_memory_batches(data.x_train[order], y_train[order], params.batch_size),
+                "x": in_memory_batches(pixels, y_train, params.batch_size, order),
                 "shuffle": False,  # epoch_order shuffled it
             }
         else:
@@ -244,6 +245,12 @@ class KerasModelType(ModelType):
                 "shuffle": False,  # the stream shuffled it
             }
         return {**arguments, **self.validation_input(params, data, y_val)}
+
+    def training_pixels(self, params: KerasParams, data: TrainingData, epoch: int) -> np.ndarray:
+        """The training images epoch `epoch` takes its batches from, when the table is in
+        memory: the table itself (a model type may train some epochs on images it derives from
+        it once, as the CNN's progressive resizing does)."""
+        return data.x_train
 
     def validation_input(
         self, params: KerasParams, data: TrainingData, y_val: np.ndarray

@@ -58,19 +58,34 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)  # (N,)
 
 
-def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """Rows in memory as `fit` takes them: batches of batch_size in the given order (the last one
-    may be smaller), assembled one ahead on a single thread of their own.
+def in_memory_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarray | None = None
+) -> tf.data.Dataset:
+    """Rows in memory as `fit` takes them: batches of batch_size rows taken in `order` (all rows
+    in turn without one; the last batch may be smaller), each gathered from the arrays as it is
+    needed, one ahead, on a single thread of its own.
 
-    The same batches `fit(x, y, batch_size=..., shuffle=False)` makes, but Keras' own pipeline
-    for arrays maps batches on autotuned parallel threads and prefetches with an autotuned
-    buffer: on two cores those threads take turns with the training step's, and steps of the
-    32-96-192-384 CNN took 207 to 412 ms through it against 187 to 207 ms through this one (100
-    batches, interleaved rounds, avx512_bf16 machine).
+    The same batches `fit(x[order], y[order], batch_size=..., shuffle=False)` makes, without
+    its copies: a shuffled copy of the table and a tensor copy of that (a second and more an
+    epoch for a 786 MB table of 128x128 images). And Keras' own pipeline for arrays maps
+    batches on autotuned parallel threads and prefetches with an autotuned buffer: on two cores
+    those threads take turns with the training step's, and steps of the 32-96-192-384 CNN took
+    207 to 412 ms through it against 187 to 207 ms through a single thread (100 batches,
+    interleaved rounds, avx512_bf16 machine).
     """
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).prefetch(1)
+    rows = np.arange(len(x)) if order is None else np.asarray(order, dtype=np.int64)
+    x_shape, y_shape = (None, *x.shape[1:]), (None, *y.shape[1:])
+
+    @tf.autograph.experimental.do_not_convert
+    def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        pixels, targets = tf.numpy_function(
+            lambda i: (x[i], y[i]), [index], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype))
+        )
+        return tf.ensure_shape(pixels, x_shape), tf.ensure_shape(targets, y_shape)
+
+    dataset = tf.data.Dataset.from_tensor_slices(rows).batch(batch_size).map(gather).prefetch(1)
     options = tf.data.Options()
     options.threading.private_threadpool_size = 1
     options.threading.max_intra_op_parallelism = 1

@@ -47,6 +47,9 @@ class TrainingData:
     num_classes: int
     train_stream: TableStream | None = None  # the train table, when too big to read whole
     val_stream: TableStream | None = None  # the val table, when too big to read whole
+    # arrays a model type derives from the tables once in a run and reuses over epochs (the
+    # CNN's smaller images for progressive resizing), under the model type's own keys
+    derived: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, stream, pixels in (

@@ -11,8 +11,15 @@ from keras import layers
 
 from imgpipe.checkpoints import TrainingCheckpoint
 from imgpipe.keras_models import OPTIMIZERS, KerasModelType, build_optimizer
-from imgpipe.keras_training import in_memory_batches, seed_everything
-from imgpipe.models.cnn import CnnParams, ProgressiveParams, custom_layers
+from imgpipe.keras_training import epoch_order, in_memory_batches, seed_everything
+from imgpipe.models.cnn import (
+    SMALL_IMAGES,
+    CnnParams,
+    ProgressiveParams,
+    custom_layers,
+    resize_images,
+    resized_table,
+)
 from imgpipe.models.dense import DenseParams
 from imgpipe.models.numpy_mlp import NumpyMlpParams
 from imgpipe.numpy_net import NumpyMLP
@@ -946,6 +953,55 @@ def test_progressive_resizing_trains_small_first_and_predicts_on_the_full_view(
         assert tuple(to_stem(pixels, training=False).shape[1:3]) == (16, 16)
     assert sizes == [(8, 8), (8, 8), (16, 16)]
     model.fit(pixels, np.eye(NUM_CLASSES)[[0, 1]], epochs=1, verbose=0)  # trains at either size
+
+
+def test_in_memory_batches_gather_the_rows_in_the_order_given() -> None:
+    pixels = random_pixels((20, *RGB_SHAPE), seed=6)
+    labels = np.arange(20) % NUM_CLASSES
+    order = epoch_order(20, seed=1, epoch=3)
+    batches = list(in_memory_batches(pixels, labels, 8, order))
+    assert [len(x) for x, _ in batches] == [8, 8, 4]
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]), pixels[order])
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), labels[order])
+
+
+def test_progressive_resizing_feeds_a_table_resized_once_then_the_full_view(
+    small_cnn: CnnParams,
+) -> None:
+    """A table in memory: its smaller images are resized once, as the layer would resize each
+    batch, and fed to a model that takes them; the full view's epochs free them."""
+    section = cnn_params(
+        small_cnn,
+        stem="conv3x3",
+        progressive=ProgressiveParams(fraction=0.5, scale=0.5),  # 2 of 3 (rounded up)
+        epochs=3,
+        precision="float32",
+    )
+    pixels = random_pixels((20, *RGB_SHAPE), seed=7)
+    labels = np.arange(20) % NUM_CLASSES
+    data = TrainingData(pixels, labels, pixels[:4], labels[:4], NUM_CLASSES)
+    targets = (CNN.targets(section, labels, NUM_CLASSES), CNN.targets(section, labels[:4], 5))
+    model = CNN.compiled_model(section, RGB_SHAPE, NUM_CLASSES, train_size=20, precision="float32")
+
+    small = resized_table(pixels, (8, 8), chunk=3)  # chunks change nothing
+    np.testing.assert_array_equal(small, np.asarray(resize_images(pixels, (8, 8))))
+    assert small.dtype == np.uint8
+    fed_shapes, taken_shapes = [], []
+    for epoch in range(3):
+        CNN.prepare_epoch(model, section, epoch, train_size=20)
+        taken_shapes.append(model.input_spec[0].shape)
+        fed = CNN.epoch_input(section, data, targets, seed=0, epoch=epoch)
+        batches = list(fed["x"])
+        fed_shapes.append(tuple(batches[0][0].shape[1:3]))
+        if epoch < 2:
+            order = epoch_order(20, 0, epoch)
+            np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]), small[order])
+            assert SMALL_IMAGES in data.derived
+        model.fit(**fed, verbose=0)  # takes the batches of either size
+    assert fed_shapes == [(8, 8), (8, 8), (16, 16)]
+    # any size while small, then the full view only, as the saved model takes
+    assert taken_shapes == [(None, None, None, 3)] * 2 + [(None, 16, 16, 3)]
+    assert SMALL_IMAGES not in data.derived  # freed when the full view's epochs began
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,13 @@ With `flip_tta` the saved model averages its predictions for each image and its 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from imgpipe.keras_models import KerasModelType, KerasParams
@@ -20,6 +23,11 @@ from imgpipe.sections import Section, check_positive
 if TYPE_CHECKING:
     import keras
     from keras import layers
+
+    from imgpipe.registry import TrainingData
+
+log = logging.getLogger("imgpipe.models.cnn")
+SMALL_IMAGES = "cnn_small_images"  # TrainingData.derived's key for the resized table
 
 
 class AugmentParams(Section):
@@ -235,16 +243,53 @@ class CnnType(KerasModelType):
         self, model: keras.Model, params: CnnParams, epoch: int, *, train_size: int
     ) -> None:
         """Progressive resizing: the image size epoch `epoch` trains on (traced again when it
-        changes); nothing without it."""
+        changes); nothing without it.
+
+        In the smaller images' epochs the model takes batches of any height and width: those
+        of a table in memory come resized already (training_pixels), a streamed table's are
+        resized by the progressive_resize layer. The full view's epochs take the view's size
+        only, as the saved model does.
+        """
         if not params.small_epochs:
             return
+        import keras
+
         layer = model.get_layer("progressive_resize")
-        height, width = model.input_shape[1:3]
-        scale = params.progressive.scale if epoch < params.small_epochs else 1.0
-        size = (max(round(height * scale), 1), max(round(width * scale), 1))
-        if (layer.height, layer.width) != size:
-            layer.height, layer.width = size
+        height, width, channels = model.input_shape[1:]
+        size = small_size((height, width), params) if epoch < params.small_epochs else None
+        if (layer.height, layer.width) != (size or (height, width)):
+            layer.height, layer.width = size or (height, width)
+            # the spec Keras makes from the model's input, with free height and width if small
+            model.input_spec = [
+                keras.layers.InputSpec(
+                    shape=(None, None, None, channels) if size else (None, height, width, channels),
+                    allow_last_axis_squeeze=True,
+                    name=model.inputs[0].name,
+                )
+            ]
             model.train_function = None  # Keras traces the training step again for the new size
+
+    def training_pixels(self, params: CnnParams, data: TrainingData, epoch: int) -> np.ndarray:
+        """Progressive resizing's smaller images in its first epochs: the train table resized
+        once, when the first of them starts, and kept in data.derived until the full view's
+        epochs begin (a quarter of the table's bytes at scale 0.5); the table otherwise."""
+        if epoch >= params.small_epochs:
+            data.derived.pop(SMALL_IMAGES, None)
+            return data.x_train
+        size = small_size(data.image_shape[:2], params)
+        small = data.derived.get(SMALL_IMAGES)
+        if small is None or small.shape[1:3] != size:
+            started = time.perf_counter()
+            small = data.derived[SMALL_IMAGES] = resized_table(data.x_train, size)
+            log.info(
+                "progressive resizing: %d training images resized to %dx%d for the first %d "
+                "epochs in %.1f s",
+                len(small),
+                *size,
+                params.small_epochs,
+                time.perf_counter() - started,
+            )
+        return small
 
     def weight_average(self, params: CnnParams) -> float:
         """cnn.ema."""
@@ -269,6 +314,31 @@ class CnnType(KerasModelType):
         """Load a .keras file, flip-averaging and cropping ones included."""
         custom_layers()  # registered before Keras looks the names up
         return super().load(path)
+
+
+def small_size(view: tuple[int, int], params: CnnParams) -> tuple[int, int]:
+    """(height, width) of progressive resizing's smaller images for a view's (height, width)."""
+    return tuple(max(round(side * params.progressive.scale), 1) for side in view)  # type: ignore[return-value]
+
+
+def resize_images(images: Any, size: tuple[int, int]) -> Any:
+    """A batch (N, H, W, C) resized to size (height, width): bilinear with antialiasing;
+    uint8 pixels come back as uint8, rounded, as a smaller view's would be."""
+    from keras import ops
+
+    resized = ops.image.resize(ops.cast(images, "float32"), size, antialias=True)
+    if images.dtype == "uint8":
+        resized = ops.cast(ops.clip(ops.round(resized), 0, 255), "uint8")
+    return resized
+
+
+def resized_table(pixels: np.ndarray, size: tuple[int, int], chunk: int = 512) -> np.ndarray:
+    """A table of uint8 images (N, H, W, C) resized to size by resize_images, chunk images
+    at a time (their float copies stay small)."""
+    out = np.empty((len(pixels), *size, pixels.shape[-1]), dtype=np.uint8)
+    for start in range(0, len(pixels), chunk):
+        out[start : start + chunk] = np.asarray(resize_images(pixels[start : start + chunk], size))
+    return out
 
 
 @functools.cache
@@ -336,7 +406,6 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
 def _training_resize() -> type[keras.layers.Layer]:
     """custom_layers' TrainingResize (see there)."""
     import keras
-    from keras import ops
 
     @keras.saving.register_keras_serializable(package="imgpipe")
     class TrainingResize(keras.layers.Layer):
@@ -350,11 +419,7 @@ def _training_resize() -> type[keras.layers.Layer]:
         def call(self, images: Any, training: bool | None = None) -> Any:
             if not training or not self.height or images.shape[1:3] == (self.height, self.width):
                 return images
-            size = (self.height, self.width)
-            resized = ops.image.resize(ops.cast(images, "float32"), size, antialias=True)
-            if images.dtype == "uint8":  # pixels stay pixels: rounded, as a smaller view's
-                resized = ops.cast(ops.clip(ops.round(resized), 0, 255), "uint8")
-            return resized
+            return resize_images(images, (self.height, self.width))
 
         def compute_output_shape(self, input_shape: tuple) -> tuple:
             return input_shape  # as at prediction; training's size changes between epochs
