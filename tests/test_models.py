@@ -200,6 +200,22 @@ def test_each_augment_setting_adds_only_its_layer(
     assert [type(layer) for layer in found] == [layer_class]
 
 
+def test_a_horizontal_flip_with_a_crop_is_the_crop_layers_mirror(small_cnn: CnnParams) -> None:
+    model = CNN.build(
+        RGB_SHAPE,
+        NUM_CLASSES,
+        cnn_params(small_cnn, augment={**NO_AUGMENT, "flip": "horizontal", "crop": 0.1}),
+    )
+    found = layers_of(model, AUGMENT_LAYERS)
+    assert [type(layer) for layer in found] == [CROP]
+    assert found[0].mirror
+    # a vertical flip is Keras' own layer still
+    both = {**NO_AUGMENT, "flip": "horizontal_and_vertical", "crop": 0.1}
+    model = CNN.build(RGB_SHAPE, NUM_CLASSES, cnn_params(small_cnn, augment=both))
+    assert [type(layer) for layer in layers_of(model, AUGMENT_LAYERS)] == [CROP, layers.RandomFlip]
+    assert not model.get_layer("crop").mirror
+
+
 def test_augmentation_is_random_in_training_and_off_at_inference(small_cnn: CnnParams) -> None:
     # no dropout and no batch norm: augmentation is the only thing that differs between calls
     plain = {"dropout": 0.0, "batch_norm": False}
@@ -326,6 +342,18 @@ def test_crop_shifts_each_image_by_whole_pixels_with_reflected_edges() -> None:
     assert len(shifts) > 5  # each image draws its own shift (25 are possible)
     # every shift within the limit is drawn, none beyond it
     assert {dy for dy, _ in shifts} == set(range(-most, most + 1))
+
+    # with mirror, each image is such a window or that window mirrored, and both happen
+    mirrored = np.asarray(CROP(0.25, mirror=True)(batch, training=True))
+    flipped = []
+    for shifted in mirrored:
+        # columns 2 to 5 are never reflected edges: descending there, the image was mirrored
+        flipped.append(int(shifted[5, 5, 1]) < int(shifted[5, 4, 1]))
+        image_seen = shifted[:, ::-1] if flipped[-1] else shifted
+        dy, dx = int(image_seen[5, 4, 0]) - 5, int(image_seen[5, 4, 1]) - 4
+        window = padded[most + dy : most + dy + height, most + dx : most + dx + width]
+        np.testing.assert_array_equal(image_seen, window)
+    assert 0 < sum(flipped) < len(flipped)
 
 
 def test_cnn_without_stem_or_residual_is_the_plain_vgg_stack(small_cnn: CnnParams) -> None:
