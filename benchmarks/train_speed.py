@@ -55,6 +55,7 @@ REFERENCE = {
     "flip_tta": False,
     "ema": 0.0,
     "progressive": {"fraction": 0.0, "scale": 0.5},
+    "cutmix": 0.0,
     "optimizer": "adam",
     "learning_rate": 0.001,
     "weight_decay": 0.0,

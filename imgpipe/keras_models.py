@@ -57,6 +57,12 @@ class KerasParams(ScheduledTraining):
     # machine, timed at the start where bfloat16 is native (float32 elsewhere, untimed)
     precision: Literal["auto", *PRECISIONS]  # type: ignore[valid-type]
 
+    @property
+    def one_hot_targets(self) -> bool:
+        """Whether the loss trains on one-hot rows (N, K) rather than class indices (N,): Keras
+        smooths one-hot targets only, and a model type that mixes targets needs them too."""
+        return self.label_smoothing > 0
+
     @model_validator(mode="after")
     def _warmup_within_run(self) -> KerasParams:
         if self.warmup_epochs and self.schedule != "cosine":
@@ -113,9 +119,9 @@ def build_optimizer(
 
 
 def training_loss(params: KerasParams) -> str | keras.losses.Loss:
-    """The compiled loss: cross-entropy on class indices, or on one-hot rows where labels are
-    smoothed (Keras smooths one-hot targets only: see KerasModelType.targets)."""
-    if not params.label_smoothing:
+    """The compiled loss: cross-entropy on class indices, or on one-hot rows where the params
+    ask for them (one_hot_targets: see KerasModelType.targets), smoothed or not."""
+    if not params.one_hot_targets:
         return "sparse_categorical_crossentropy"
     import keras
 
@@ -181,8 +187,8 @@ class KerasModelType(ModelType):
     @staticmethod
     def targets(params: KerasParams, labels: np.ndarray, num_classes: int) -> np.ndarray:
         """What the compiled loss trains on: class indices (N,), or one-hot rows (N, K) where
-        labels are smoothed."""
-        if not params.label_smoothing:
+        params.one_hot_targets."""
+        if not params.one_hot_targets:
             return labels
         return np.eye(num_classes, dtype=np.float32)[labels]
 

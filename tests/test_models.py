@@ -17,6 +17,7 @@ from imgpipe.models.cnn import (
     CnnParams,
     ProgressiveParams,
     custom_layers,
+    cutmix_batches,
     resize_images,
     resized_table,
 )
@@ -855,8 +856,8 @@ def test_a_resumed_run_keeps_the_precision_of_the_interrupted_one(
 def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_run(
     small_cnn: CnnParams, digits: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
-    """Stem, residual blocks, AdamW with warm-up, label smoothing, progressive resizing, a
-    weight average and flip averaging: a run stopped after its first epoch and resumed (in the
+    """Stem, residual blocks, AdamW with warm-up, label smoothing, progressive resizing,
+    CutMix, a weight average and flip averaging: a run stopped after its first epoch and resumed (in the
     small images' phase) ends exactly where a straight run does."""
     subset = {key: value[:192] for key, value in digits.items()}
     section = cnn_params(
@@ -874,6 +875,7 @@ def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_r
         flip_tta=True,
         ema=0.9,
         progressive=ProgressiveParams(fraction=0.6, scale=0.5),  # 2 of 3 epochs
+        cutmix=0.5,
         batch_size=32,
         epochs=3,
         precision="float32",
@@ -1030,6 +1032,64 @@ def test_progressive_resizing_feeds_a_table_resized_once_then_the_full_view(
     # any size while small, then the full view only, as the saved model takes
     assert taken_shapes == [(None, None, None, 3)] * 2 + [(None, 16, 16, 3)]
     assert SMALL_IMAGES not in data.derived  # freed when the full view's epochs began
+
+
+def test_cutmix_pastes_a_box_of_the_next_image_and_mixes_targets_by_its_area() -> None:
+    n, height, width = 6, 12, 10
+    # image i is filled with the value i, so each output pixel says which image it came from
+    pixels = np.broadcast_to(
+        np.arange(n, dtype=np.uint8)[:, None, None, None], (n, height, width, 3)
+    )
+    targets = np.eye(n, dtype=np.float32)
+    batches = in_memory_batches(np.ascontiguousarray(pixels), targets, n)  # one batch
+
+    def run(share: float, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        ((mixed, mixed_targets),) = list(cutmix_batches(batches, share, seed=3, epoch=epoch))
+        return np.asarray(mixed), np.asarray(mixed_targets)
+
+    boxes = set()
+    for epoch in range(8):
+        mixed, mixed_targets = run(1.0, epoch)
+        for i in range(n):
+            partner = (i + 1) % n
+            from_partner = mixed[i, :, :, 0] == partner
+            assert np.all(from_partner | (mixed[i, :, :, 0] == i))
+            assert np.all(mixed[i] == mixed[i, :, :, :1])  # channels move together
+            rows, cols = np.nonzero(from_partner)
+            if len(rows):  # one filled box
+                box = (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
+                assert from_partner[box[0] : box[1], box[2] : box[3]].all()
+                boxes.add(box)
+            area = from_partner.mean()
+            expected = (1 - area) * targets[i] + area * targets[partner]
+            np.testing.assert_allclose(mixed_targets[i], expected, rtol=1e-6)
+        # every image of a batch gets the same box
+        assert len({tuple(np.nonzero(mixed[i, :, :, 0] != i)[0]) for i in range(n)}) == 1
+    assert len(boxes) > 3  # drawn anew for each epoch
+    # reproducible for (seed, epoch); share 0 mixes nothing
+    np.testing.assert_array_equal(run(1.0, 5)[0], run(1.0, 5)[0])
+    unmixed, unmixed_targets = run(0.0, 5)
+    np.testing.assert_array_equal(unmixed, pixels)
+    np.testing.assert_array_equal(unmixed_targets, targets)
+
+
+def test_cutmix_trains_on_one_hot_targets(
+    small_cnn: CnnParams,
+) -> None:
+    section = cnn_params(small_cnn, cutmix=1.0, label_smoothing=0.0, epochs=1, warmup_epochs=0.0)
+    assert (
+        section.one_hot_targets and not cnn_params(small_cnn, label_smoothing=0.0).one_hot_targets
+    )
+    pixels = random_pixels((16, *RGB_SHAPE), seed=8)
+    labels = np.arange(16) % NUM_CLASSES
+    data = TrainingData(pixels, labels, pixels[:4], labels[:4], NUM_CLASSES)
+    targets = CNN.targets(section, labels, NUM_CLASSES)
+    assert targets.shape == (16, NUM_CLASSES)
+    model = CNN.compiled_model(section, RGB_SHAPE, NUM_CLASSES, train_size=16, precision="float32")
+    fed = CNN.epoch_input(section, data, (targets, targets[:4]), seed=0, epoch=0)
+    before = [np.copy(w) for w in model.get_weights()]
+    model.fit(**fed, verbose=0)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
 
 
 @pytest.mark.parametrize(

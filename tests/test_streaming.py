@@ -352,6 +352,15 @@ def test_cnn_times_its_precision_on_the_streamed_tables_first_rows(tables: Path)
     assert all(0 < seconds < math.inf for seconds in choice.step_seconds.values())
 
 
+def test_cnn_cutmix_on_a_streamed_train_table_says_what_to_change(tables: Path) -> None:
+    section = project_params().cnn.model_copy(update={"cutmix": 0.5})
+    data = digits_data(tables, train=True, val=False)
+    cnn = model_type("cnn")
+    targets = (np.zeros((0, 10), np.float32), cnn.targets(section, data.y_val, 10))
+    with pytest.raises(StageError, match=r"raise train.stream_over_mb.*or set cnn.cutmix to 0"):
+        cnn.epoch_input(section, data, targets, seed=0, epoch=0)
+
+
 @pytest.mark.parametrize(("key", "value"), [("stream_over_mb", -1), ("shuffle_rows", -1)])
 def test_negative_stream_params_are_refused(key: str, value: int) -> None:
     from imgpipe.params import ParamsError

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from imgpipe.keras_models import KerasModelType, KerasParams
+from imgpipe.runtime import StageError
 from imgpipe.sections import Section, check_positive
 
 if TYPE_CHECKING:
@@ -88,6 +89,15 @@ class CnnParams(KerasParams):
     # 0 = none, the last step's weights
     ema: float = Field(ge=0, lt=1)
     progressive: ProgressiveParams
+    # CutMix: this share of the training batches (drawn per batch) has a random box of each
+    # image replaced by the same box of the next image in the batch, and its targets mixed by
+    # the box's share of the pixels (box area uniform in 0..1); 0 = none
+    cutmix: float = Field(ge=0, le=1)
+
+    @property
+    def one_hot_targets(self) -> bool:
+        """One-hot targets where labels are smoothed or mixed (cutmix)."""
+        return self.label_smoothing > 0 or self.cutmix > 0
 
     @model_validator(mode="after")
     def _resizing_needs_a_pooled_head(self) -> CnnParams:
@@ -277,6 +287,27 @@ class CnnType(KerasModelType):
             ]
             model.train_function = None  # Keras traces the training step again for the new size
 
+    def epoch_input(
+        self,
+        params: CnnParams,
+        data: TrainingData,
+        targets: tuple[np.ndarray, np.ndarray],
+        *,
+        seed: int,
+        epoch: int,
+    ) -> dict[str, Any]:
+        """KerasModelType's epoch input, its training batches cut-mixed where params.cutmix."""
+        arguments = super().epoch_input(params, data, targets, seed=seed, epoch=epoch)
+        if not params.cutmix:
+            return arguments
+        if data.train_stream is not None:
+            raise StageError(
+                "cnn.cutmix mixes batches of a train table in memory, and this one is streamed: "
+                "raise train.stream_over_mb above the table's size, or set cnn.cutmix to 0"
+            )
+        arguments["x"] = cutmix_batches(arguments["x"], params.cutmix, seed=seed, epoch=epoch)
+        return arguments
+
     def training_pixels(self, params: CnnParams, data: TrainingData, epoch: int) -> np.ndarray:
         """Progressive resizing's smaller images in its first epochs: the train table resized
         once, when the first of them starts, and kept in data.derived until the full view's
@@ -322,6 +353,39 @@ class CnnType(KerasModelType):
         """Load a .keras file, flip-averaging and cropping ones included."""
         custom_layers()  # registered before Keras looks the names up
         return super().load(path)
+
+
+def cutmix_batches(batches: Any, share: float, *, seed: int, epoch: int) -> Any:
+    """CutMix on a tf.data pipeline of (uint8 pixels (N, H, W, C), one-hot targets (N, K))
+    batches: in `share` of them, drawn per batch, a box of each image is replaced by the same
+    box of the next image in the batch (the last image's partner is the first), and each row of
+    targets becomes (1 - a) x its own + a x its partner's, a being the box's share of the
+    pixels. The box: area 1 - lambda of the image with lambda uniform in 0..1, the image's
+    proportions, centred anywhere, clipped at the edges. Its random numbers depend only on
+    (seed, epoch, batch), so a resumed run mixes as an uninterrupted one."""
+    import tensorflow as tf
+
+    def mix(index: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        pixels, targets = batch
+        height, width = pixels.shape[1], pixels.shape[2]
+        key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + epoch, index])
+        draw = tf.random.stateless_uniform([4], seed=key)  # apply?, lambda, centre y, centre x
+        side = tf.sqrt(1.0 - draw[1])  # of the box, as a share of the image's height and width
+        boxes = []
+        for size, centre in ((height, draw[2]), (width, draw[3])):
+            half = tf.cast(tf.round(side * size), tf.int32) // 2
+            middle = tf.cast(centre * size, tf.int32)
+            boxes.append((tf.maximum(middle - half, 0), tf.minimum(middle + half, size)))
+        (top, bottom), (left, right) = boxes
+        rows, cols = tf.range(height), tf.range(width)
+        inside = ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))
+        inside &= draw[0] < share  # the whole batch as it was, in 1 - share of the batches
+        partner = tf.roll(pixels, -1, axis=0)
+        mixed = tf.where(inside[None, :, :, None], partner, pixels)
+        area = tf.reduce_mean(tf.cast(inside, targets.dtype))
+        return mixed, (1 - area) * targets + area * tf.roll(targets, -1, axis=0)
+
+    return batches.enumerate().map(mix)
 
 
 def small_size(view: tuple[int, int], params: CnnParams) -> tuple[int, int]:
