@@ -857,8 +857,8 @@ def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_r
     small_cnn: CnnParams, digits: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     """Stem, residual blocks, AdamW with warm-up, label smoothing, progressive resizing,
-    CutMix, a weight average and flip averaging: a run stopped after its first epoch and resumed (in the
-    small images' phase) ends exactly where a straight run does."""
+    CutMix, a weight average and flip averaging: a run stopped after its first epoch and
+    resumed (in the small images' phase) ends exactly where a straight run does."""
     subset = {key: value[:192] for key, value in digits.items()}
     section = cnn_params(
         small_cnn,
