@@ -137,7 +137,9 @@ def sections(params: Params) -> dict[str, Any]:
                 "batch_size": 32,
                 "epochs": 2,
                 "precision": "float32",  # auto would time bfloat16 where the CPU has it
-                # (8x8 digits at half size leave too little for the blocks' pools)
+                # (8x8 digits through a 4x4 patch stem, or at half size, leave too little for
+                # the blocks' pools)
+                "stem": "conv3x3_stride2",
                 "progressive": params.cnn.progressive.model_copy(update={"fraction": 0.0}),
             }
         ),

@@ -66,11 +66,17 @@ def small_dense(params: Params) -> DenseParams:
 
 @pytest.fixture(scope="module")
 def small_cnn(params: Params) -> CnnParams:
-    """The repo's cnn section with two small blocks (augmentation as in params.yaml), without
-    progressive resizing (8x8 digits at half size leave too little for the blocks' pools)."""
+    """The repo's cnn section with two small blocks (augmentation as in params.yaml), a 3x3
+    stride-2 stem and without progressive resizing (8x8 digits through a 4x4 patch stem, or at
+    half size, leave too little for the blocks' pools)."""
     no_resizing = ProgressiveParams(fraction=0.0, scale=0.5)
     return params.cnn.model_copy(
-        update={"filters": [4, 8], "head_units": 8, "progressive": no_resizing}
+        update={
+            "stem": "conv3x3_stride2",
+            "filters": [4, 8],
+            "head_units": 8,
+            "progressive": no_resizing,
+        }
     )
 
 

@@ -147,6 +147,11 @@ class PretrainedParams(Section):
         return self
 
     @property
+    def one_hot_targets(self) -> bool:
+        """One-hot targets where labels are smoothed (as KerasParams.one_hot_targets)."""
+        return self.label_smoothing > 0
+
+    @property
     def epochs(self) -> int:
         """Epochs of the whole run: the frozen phase's, then the fine-tuning phase's."""
         return self.frozen.epochs + self.fine_tune.epochs
