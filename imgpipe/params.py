@@ -134,7 +134,8 @@ class PipelineParams(Section):
                     f"models.{model_name} names view {view_name!r}; "
                     f"defined views: {', '.join(sorted(self.views))}"
                 )
-            problem = known[model_name].view_problem(self.views[view_name].shape)
+            section = getattr(self, model_name)
+            problem = known[model_name].view_problem(self.views[view_name].shape, section)
             if problem:
                 raise ValueError(f"models.{model_name}: {problem}")
         return self
