@@ -204,7 +204,7 @@ class KerasModelType(ModelType):
     ) -> TrainResult:
         """Build, compile and fit the model, resumably and on train.devices: a KerasTrainer's run
         (imgpipe/keras_training.py), once the view is checked (a model type's view_problem)."""
-        problem = self.view_problem(data.image_shape, params)
+        problem = self.view_problem(data.image_shape)
         if problem:
             raise StageError(problem)
         trainer = KerasTrainer(

@@ -134,8 +134,7 @@ class PipelineParams(Section):
                     f"models.{model_name} names view {view_name!r}; "
                     f"defined views: {', '.join(sorted(self.views))}"
                 )
-            section = getattr(self, model_name)
-            problem = known[model_name].view_problem(self.views[view_name].shape, section)
+            problem = known[model_name].view_problem(self.views[view_name].shape)
             if problem:
                 raise ValueError(f"models.{model_name}: {problem}")
         return self

@@ -146,9 +146,9 @@ class ModelType(ABC):
         is read: a model type whose starting weights cannot be had stops here, saying why."""
         return {}
 
-    def view_problem(self, shape: tuple[int, int, int], params: Any) -> str | None:
-        """Why a view of images (H, W, C) cannot feed this model type with these params (its
-        section; checked when params.yaml is read), or None: any view by default."""
+    def view_problem(self, shape: tuple[int, int, int]) -> str | None:
+        """Why a view of images (H, W, C) cannot feed this model type (checked with params.yaml),
+        or None: any view by default."""
         return None
 
     def planned_epochs(self, params: Any) -> int:

@@ -1040,61 +1040,6 @@ def test_progressive_resizing_feeds_a_table_resized_once_then_the_full_view(
     assert SMALL_IMAGES not in data.derived  # freed when the full view's epochs began
 
 
-@pytest.mark.parametrize(
-    ("stem", "side"),
-    [
-        ("none", 3),
-        ("none", 4),
-        ("conv3x3_stride2", 6),
-        ("conv3x3_stride2", 7),
-        ("conv3x3_stride2_pool", 14),
-        ("conv3x3_stride2_pool", 16),
-        ("patch3", 9),
-        ("patch3", 10),
-        ("patch4", 12),
-        ("patch4", 13),
-    ],
-)
-def test_a_view_too_small_for_the_stem_and_blocks_is_named_before_keras_fails(
-    small_cnn: CnnParams, stem: str, side: int
-) -> None:
-    """view_problem's arithmetic against Keras itself: two blocks need maps of 4 after the stem;
-    where it finds none, the net builds and trains a step, and where it finds one, Keras fails."""
-    section = cnn_params(small_cnn, stem=stem)  # filters [4, 8]: two blocks
-    problem = CNN.view_problem((side, side, 3), section)
-
-    def one_step() -> None:
-        model = CNN.compiled_model(
-            section, (side, side, 3), NUM_CLASSES, train_size=4, precision="float32"
-        )
-        targets = CNN.targets(section, np.arange(4) % NUM_CLASSES, NUM_CLASSES)
-        model.train_on_batch(random_pixels((4, side, side, 3)), targets)
-
-    if problem is None:
-        one_step()
-    else:
-        assert f"the {stem} stem" in problem and "cnn.stem: conv3x3_stride2" in problem
-        with pytest.raises(ValueError, match=r"Negative dimension|incompatible|size"):
-            one_step()
-
-
-def test_progressive_resizings_smaller_images_are_checked_too(small_cnn: CnnParams) -> None:
-    section = cnn_params(
-        small_cnn, stem="patch4", progressive=ProgressiveParams(fraction=0.5, scale=0.5)
-    )
-    assert (
-        CNN.view_problem(
-            (16, 16, 3),
-            section.model_copy(update={"progressive": ProgressiveParams(fraction=0.0, scale=0.5)}),
-        )
-        is None
-    )
-    problem = CNN.view_problem((16, 16, 3), section)
-    assert problem is not None
-    assert problem.startswith("progressive resizing's smaller images are 8 pixels")
-    assert problem.endswith("or cnn.progressive.fraction: 0")
-
-
 def test_cutmix_pastes_a_box_of_the_next_image_and_mixes_targets_by_its_area() -> None:
     n, height, width = 6, 12, 10
     # image i is filled with the value i, so each output pixel says which image it came from

@@ -263,16 +263,6 @@ def test_unknown_model_name_lists_known_models(repo_params: dict[str, Any]) -> N
         assert model_name in message
 
 
-def test_a_view_too_small_for_the_cnn_is_refused_with_what_to_change(
-    repo_params: dict[str, Any],
-) -> None:
-    repo_params["views"]["rgb16"] = {"height": 16, "width": 16, "color": "rgb"}
-    repo_params["models"]["cnn"] = "rgb16"
-    message = _refusal(repo_params)
-    assert "models.cnn: the view's images are 16 pixels on their short side" in message
-    assert "cnn.stem: conv3x3_stride2" in message
-
-
 def test_every_problem_is_reported_at_once(repo_params: dict[str, Any]) -> None:
     repo_params["dense"]["epochs"] = 0
     repo_params["cnn"]["pooling"] = "max"

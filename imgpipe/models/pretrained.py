@@ -262,7 +262,7 @@ class PretrainedType(KerasModelType):
             return {"weights": "imagenet", "weights_sha256": file_sha256(cached)}
         return {"weights": params.weights, "weights_sha256": _existing_sha256(Path(params.weights))}
 
-    def view_problem(self, shape: tuple[int, int, int], params: PretrainedParams) -> str | None:
+    def view_problem(self, shape: tuple[int, int, int]) -> str | None:
         """Why a view of this (H, W, C) cannot feed the backbone, or None."""
         height, width, channels = shape
         if channels != 3 or min(height, width) < MIN_SIDE:
