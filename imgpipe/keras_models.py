@@ -176,6 +176,12 @@ class KerasModelType(ModelType):
         (see keras_training.use_weight_average); 0: the last step's weights."""
         return 0.0
 
+    def section_problem(self, params: Any, shape: tuple[int, int, int]) -> str | None:
+        """Why the model type's section cannot train on a view of images (H, W, C), or None:
+        checked when training starts, before any work (not when params.yaml is read, since
+        stages that do not train this model read the same params)."""
+        return None
+
     def prepare_epoch(
         self, model: keras.Model, params: Any, epoch: int, *, train_size: int
     ) -> None:
@@ -203,8 +209,11 @@ class KerasModelType(ModelType):
         devices: Literal["auto"] | int,
     ) -> TrainResult:
         """Build, compile and fit the model, resumably and on train.devices: a KerasTrainer's run
-        (imgpipe/keras_training.py), once the view is checked (a model type's view_problem)."""
-        problem = self.view_problem(data.image_shape)
+        (imgpipe/keras_training.py), once the view is checked (a model type's view_problem and
+        section_problem)."""
+        problem = self.view_problem(data.image_shape) or self.section_problem(
+            params, data.image_shape
+        )
         if problem:
             raise StageError(problem)
         trainer = KerasTrainer(

@@ -1040,6 +1040,73 @@ def test_progressive_resizing_feeds_a_table_resized_once_then_the_full_view(
     assert SMALL_IMAGES not in data.derived  # freed when the full view's epochs began
 
 
+@pytest.mark.parametrize(
+    ("stem", "side"),
+    [
+        ("none", 3),
+        ("none", 4),
+        ("conv3x3_stride2", 6),
+        ("conv3x3_stride2", 7),
+        ("conv3x3_stride2_pool", 14),
+        ("conv3x3_stride2_pool", 16),
+        ("patch3", 9),
+        ("patch3", 10),
+        ("patch4", 12),
+        ("patch4", 13),
+    ],
+)
+def test_a_view_too_small_for_the_stem_and_blocks_is_named_before_keras_fails(
+    small_cnn: CnnParams, stem: str, side: int
+) -> None:
+    """section_problem's arithmetic against Keras itself: two blocks need maps of 4 after the
+    stem; where it finds none, the net builds and trains a step, and where it finds one, Keras
+    fails."""
+    section = cnn_params(small_cnn, stem=stem)  # filters [4, 8]: two blocks
+    problem = CNN.section_problem(section, (side, side, 3))
+
+    def one_step() -> None:
+        model = CNN.compiled_model(
+            section, (side, side, 3), NUM_CLASSES, train_size=4, precision="float32"
+        )
+        targets = CNN.targets(section, np.arange(4) % NUM_CLASSES, NUM_CLASSES)
+        model.train_on_batch(random_pixels((4, side, side, 3)), targets)
+
+    if problem is None:
+        one_step()
+    else:
+        assert f"the {stem} stem" in problem and "cnn.stem: conv3x3_stride2" in problem
+        with pytest.raises(ValueError, match=r"Negative dimension|incompatible|size"):
+            one_step()
+
+
+def test_progressive_resizings_smaller_images_are_checked_when_training_starts(
+    small_cnn: CnnParams, digits: dict[str, np.ndarray]
+) -> None:
+    section = cnn_params(
+        small_cnn, stem="patch4", progressive=ProgressiveParams(fraction=0.5, scale=0.5)
+    )
+    whole = section.model_copy(update={"progressive": ProgressiveParams(fraction=0.0, scale=0.5)})
+    assert CNN.section_problem(whole, (16, 16, 3)) is None
+    problem = CNN.section_problem(section, (16, 16, 3))
+    assert problem is not None
+    assert problem.startswith("progressive resizing's smaller images are 8 pixels")
+    assert problem.endswith("or cnn.progressive.fraction: 0")
+
+    # train stops with it, before an epoch: 8x8 digits, patch2 leaves 4, 2 blocks need 4: the
+    # view itself passes, its half does not
+    epochs: list[int] = []
+    with pytest.raises(StageError, match="progressive resizing's smaller images are 4 pixels"):
+        fit(
+            "cnn",
+            section.model_copy(update={"stem": "patch2", "epochs": 2}),
+            **{key: value[:64] for key, value in digits.items()},
+            num_classes=10,
+            seed=0,
+            on_epoch_end=lambda epoch, logs: epochs.append(epoch),
+        )
+    assert epochs == []
+
+
 def test_cutmix_pastes_a_box_of_the_next_image_and_mixes_targets_by_its_area() -> None:
     n, height, width = 6, 12, 10
     # image i is filled with the value i, so each output pixel says which image it came from

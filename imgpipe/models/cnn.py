@@ -257,6 +257,26 @@ class CnnType(KerasModelType):
             x = _block(x, block, filters, params)
         return keras.Model(inputs, _head(x, num_classes, params), name="cnn")
 
+    def section_problem(self, params: CnnParams, shape: tuple[int, int, int]) -> str | None:
+        """Why the view, or progressive resizing's smaller images, are too small for the stem
+        and the blocks (each block's 2x2 max-pool halves the maps, which must keep a pixel),
+        or None."""
+        sides = {"the view's images": min(shape[:2])}
+        if params.small_epochs:
+            sides["progressive resizing's smaller images"] = min(small_size(shape[:2], params))
+        blocks = len(params.filters)
+        for what, side in sides.items():
+            maps = _maps_after_stem(side, params.stem)
+            if maps < 2**blocks:
+                return (
+                    f"{what} are {side} pixels on their short side: the {params.stem} stem "
+                    f"leaves maps of {maps}, and {blocks} blocks that each halve them need at "
+                    f"least {2**blocks}; use a larger view, a stem that shrinks less (e.g. "
+                    "cnn.stem: conv3x3_stride2), fewer cnn.filters"
+                    + (", or cnn.progressive.fraction: 0" if params.small_epochs else "")
+                )
+        return None
+
     def prepare_epoch(
         self, model: keras.Model, params: CnnParams, epoch: int, *, train_size: int
     ) -> None:
@@ -386,6 +406,16 @@ def cutmix_batches(batches: Any, share: float, *, seed: int, epoch: int) -> Any:
         return mixed, (1 - area) * targets + area * tf.roll(targets, -1, axis=0)
 
     return batches.enumerate().map(mix)
+
+
+def _maps_after_stem(side: int, stem: str) -> int:
+    """Height (or width) of the maps the stem makes from images of that side: its convolution
+    pads ("same"), so stride N gives ceil(side / N); the _pool stem's 2x2 max-pool floors."""
+    stride = {"conv3x3_stride2": 2, "conv3x3_stride2_pool": 2}.get(stem, 1)
+    if stem.startswith("patch"):
+        stride = int(stem.removeprefix("patch"))
+    maps = math.ceil(side / stride)
+    return maps // 2 if stem.endswith("_pool") else maps
 
 
 def small_size(view: tuple[int, int], params: CnnParams) -> tuple[int, int]:
