@@ -379,23 +379,43 @@ def test_cnn_head_units_zero_goes_straight_from_pooling_to_the_output(
     assert model.get_layer("probabilities").input.shape[-1] == small_cnn.filters[-1]
 
 
-def test_flip_tta_averages_each_image_and_its_mirror_and_loads_in_a_fresh_process(
-    small_cnn: CnnParams, tmp_path: Path
+def shifted(pixels: np.ndarray, axis: int, shift: int) -> np.ndarray:
+    """Images moved by `shift` pixels along axis 1 (rows) or 2 (columns), positive towards index
+    0, the edges filled by reflection (numpy's pad, not the layer's own indexing)."""
+    pad = [(0, 0)] * 4
+    pad[axis] = (abs(shift), abs(shift))
+    padded = np.pad(pixels, pad, mode="reflect")
+    start = abs(shift) + shift
+    return np.take(padded, np.arange(start, start + pixels.shape[axis]), axis=axis)
+
+
+@pytest.mark.parametrize(
+    ("flip_tta", "tta_shift", "views"), [(True, 0.0, 2), (False, 0.1, 5), (True, 0.1, 10)]
+)
+def test_test_time_augmentation_averages_each_images_views_and_loads_in_a_fresh_process(
+    small_cnn: CnnParams, tmp_path: Path, flip_tta: bool, tta_shift: float, views: int
 ) -> None:
     import subprocess
     import sys
 
-    section = cnn_params(small_cnn, flip_tta=True)
+    section = cnn_params(small_cnn, flip_tta=flip_tta, tta_shift=tta_shift)
     base = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
     tta = CNN.inference_model(base, section)
     pixels = random_pixels((6, *RGB_SHAPE), seed=3)
-    mirrored = pixels[:, :, ::-1]
-
-    plain, plain_mirrored = base.predict(pixels, verbose=0), base.predict(mirrored, verbose=0)
-    assert not np.allclose(plain, plain_mirrored, atol=1e-4)  # the net itself is not symmetric
+    step = 2  # 0.1 x 16 pixels, rounded
+    images = [pixels]
+    if tta_shift:
+        images += [shifted(pixels, axis, s) for axis in (1, 2) for s in (-step, step)]
+    if flip_tta:
+        images += [image[:, :, ::-1] for image in images]
+    assert len(images) == views
+    each = [base.predict(image, verbose=0) for image in images]
+    assert not np.allclose(each[0], each[-1], atol=1e-4)  # the net itself is not invariant
     averaged = tta.predict(pixels, verbose=0)
-    np.testing.assert_allclose(averaged, (plain + plain_mirrored) / 2, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(tta.predict(mirrored, verbose=0), averaged, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(averaged, np.mean(each, axis=0), rtol=1e-5, atol=1e-6)
+    if flip_tta:
+        mirrored = tta.predict(pixels[:, :, ::-1], verbose=0)
+        np.testing.assert_allclose(mirrored, averaged, rtol=1e-5, atol=1e-6)
 
     # saved as training saves it, and loaded in safe mode by a process that never built one
     CNN.save(tta, tmp_path / "model.keras")
@@ -412,8 +432,21 @@ def test_flip_tta_averages_each_image_and_its_mirror_and_loads_in_a_fresh_proces
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), averaged, rtol=1e-5, atol=1e-6)
 
 
-def test_flip_tta_off_keeps_the_trained_model(small_cnn: CnnParams) -> None:
-    section = cnn_params(small_cnn, flip_tta=False)
+def test_a_shift_rounding_to_nothing_still_moves_the_images_by_a_pixel(
+    small_cnn: CnnParams,
+) -> None:
+    section = cnn_params(small_cnn, flip_tta=False, tta_shift=0.01)  # 0.16 of 16 pixels
+    views = CNN.inference_model(CNN.build(RGB_SHAPE, NUM_CLASSES, section), section)
+    pixels = random_pixels((2, *RGB_SHAPE), seed=4)
+    batch = np.asarray(views.get_layer("views")(pixels))
+    expected = [pixels] + [shifted(pixels, axis, s) for axis in (1, 2) for s in (-1, 1)]
+    np.testing.assert_array_equal(batch, np.concatenate(expected))
+
+
+def test_without_test_time_augmentation_the_trained_model_is_saved(
+    small_cnn: CnnParams,
+) -> None:
+    section = cnn_params(small_cnn, flip_tta=False, tta_shift=0.0)
     base = CNN.build(RGB_SHAPE, NUM_CLASSES, section)
     assert CNN.inference_model(base, section) is base
 
@@ -909,7 +942,7 @@ def test_residual_cnn_with_the_new_recipe_resumes_to_exactly_the_uninterrupted_r
     assert resumed.resumed_from_epoch == 1
     check_history(straight.history, 3)
     assert resumed.history == straight.history
-    assert resumed.model.name == straight.model.name == "cnn_flip_tta"
+    assert resumed.model.name == straight.model.name == "cnn_tta"
     for a, b in zip(resumed.model.get_weights(), straight.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -920,7 +953,13 @@ def test_ema_ends_with_the_averaged_weights_and_their_own_batch_norm_statistics(
 ) -> None:
     subset = {key: value[:192] for key, value in digits.items()}
     section = cnn_params(
-        small_cnn, filters=[4, 8], flip_tta=False, batch_size=32, epochs=2, precision="float32"
+        small_cnn,
+        filters=[4, 8],
+        flip_tta=False,
+        tta_shift=0.0,
+        batch_size=32,
+        epochs=2,
+        precision="float32",
     )
     last = fit("cnn", section.model_copy(update={"ema": 0.0}), **subset, num_classes=10, seed=5)
     averaged = fit("cnn", section.model_copy(update={"ema": 0.9}), **subset, num_classes=10, seed=5)

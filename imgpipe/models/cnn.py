@@ -2,7 +2,8 @@
 
 Blocks of 3x3 convolutions (VGG-style, or residual with a 1x1 or an identity shortcut), each
 ending in a max-pool, after an optional stride-2 stem; global average pooling and a small head.
-With `flip_tta` the saved model averages its predictions for each image and its mirror image.
+With `flip_tta` the saved model averages its predictions for each image and its mirror image,
+and with `tta_shift` for the image shifted up, down, left and right too (test-time augmentation).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ class CnnParams(KerasParams):
     # saved, evaluated and served model: the mean of the probabilities for the image and for
     # its left-right mirror image (twice the prediction work)
     flip_tta: bool
+    # the saved model also averages its probabilities for the image shifted up, down, left and
+    # right by this fraction of its height and width (whole pixels, edges reflected, as the crop
+    # fills them): 5 views of each image, 10 with flip_tta, in one batch; 0 = none
+    tta_shift: float = Field(ge=0, lt=0.5)
     # momentum of an exponential moving average of the weights, updated after every step; the
     # trained model ends with the average (its batch-norm statistics measured again for it);
     # 0 = none, the last step's weights
@@ -355,19 +360,18 @@ class CnnType(KerasModelType):
         return params.ema
 
     def inference_model(self, model: keras.Model, params: CnnParams) -> keras.Model:
-        """With flip_tta, a model around the trained one that averages its probabilities for
-        each image and its mirror image; the trained model otherwise."""
-        if not params.flip_tta:
+        """With flip_tta or tta_shift, a model around the trained one that averages its
+        probabilities over each image's views (test_time_views); the trained model otherwise."""
+        views = test_time_views(params)
+        if views == 1:
             return model
         import keras
-        from keras import layers
 
+        made = custom_layers()
         inputs = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="pixels")
-        mirrored = custom_layers()["MirrorLeftRight"](name="mirror")(inputs)
-        outputs = layers.Average(name="flip_average", dtype="float32")(
-            [model(inputs), model(mirrored)]
-        )
-        return keras.Model(inputs, outputs, name="cnn_flip_tta")
+        batch = made["TestTimeViews"](params.tta_shift, params.flip_tta, name="views")(inputs)
+        outputs = made["ViewMean"](views, name="view_mean", dtype="float32")(model(batch))
+        return keras.Model(inputs, outputs, name="cnn_tta")
 
     def load(self, path: Path) -> keras.Model:
         """Load a .keras file, flip-averaging and cropping ones included."""
@@ -418,6 +422,19 @@ def _maps_after_stem(side: int, stem: str) -> int:
     return maps // 2 if stem.endswith("_pool") else maps
 
 
+def test_time_views(params: CnnParams) -> int:
+    """How many views of each image the saved model averages: the image, with tta_shift four
+    shifted copies, and with flip_tta the mirror image of each."""
+    return (5 if params.tta_shift else 1) * (2 if params.flip_tta else 1)
+
+
+def reflected_shift(size: int, shift: int) -> np.ndarray:
+    """Indices 0..size-1 moved by `shift` (positive: the content moves towards index 0), those
+    past either edge reflected back into the image, as RandomCropShift fills its edges."""
+    index = np.abs(np.arange(size) + shift)
+    return (size - 1) - np.abs((size - 1) - index)
+
+
 def small_size(view: tuple[int, int], params: CnnParams) -> tuple[int, int]:
     """(height, width) of progressive resizing's smaller images for a view's (height, width)."""
     return tuple(max(round(side * params.progressive.scale), 1) for side in view)  # type: ignore[return-value]
@@ -449,7 +466,13 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
     safe-mode loading accepts them; made on first use, so importing this module does not import
     Keras.
 
-    MirrorLeftRight flips images (N, H, W, C) left to right, always, not only in training.
+    MirrorLeftRight flips images (N, H, W, C) left to right, always, not only in training
+    (the flip averaging of models saved before TestTimeViews).
+    TestTimeViews turns a batch (N, H, W, C) into the batch of its views (V x N, H, W, C), view
+    by view: the images, then with `shift` > 0 the images shifted by round(shift x H) pixels
+    down and up, then by round(shift x W) right and left (edges reflected), then with `mirror`
+    the mirror image of each of those. ViewMean(views) averages the net's probabilities for
+    them, (V x N, K) to (N, K).
     TrainingResize resizes training batches to the size prepare_epoch sets (progressive
     resizing), and passes everything else through.
     RandomCropShift, in training only, shifts each image by a random whole number of pixels, up
@@ -510,7 +533,59 @@ def custom_layers() -> dict[str, type[keras.layers.Layer]]:
         "MirrorLeftRight": MirrorLeftRight,
         "RandomCropShift": RandomCropShift,
         "TrainingResize": _training_resize(),
+        **_test_time_layers(),
     }
+
+
+def _test_time_layers() -> dict[str, type[keras.layers.Layer]]:
+    """custom_layers' TestTimeViews and ViewMean (see there)."""
+    import keras
+    from keras import ops
+
+    @keras.saving.register_keras_serializable(package="imgpipe")
+    class TestTimeViews(keras.layers.Layer):
+        def __init__(self, shift: float, mirror: bool, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.shift = shift
+            self.mirror = mirror
+
+        def call(self, images: Any) -> Any:
+            height, width = images.shape[1:3]
+            views = [images]
+            if self.shift:
+                for axis, size in ((1, height), (2, width)):
+                    step = max(round(self.shift * size), 1)
+                    for shift in (-step, step):
+                        index = reflected_shift(size, shift)
+                        views.append(ops.take(images, ops.convert_to_tensor(index), axis=axis))
+            if self.mirror:
+                views += [ops.flip(view, axis=2) for view in views]
+            return ops.concatenate(views, axis=0)
+
+        def compute_output_shape(self, input_shape: tuple) -> tuple:
+            return (None, *input_shape[1:])
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "shift": self.shift, "mirror": self.mirror}
+
+    @keras.saving.register_keras_serializable(package="imgpipe")
+    class ViewMean(keras.layers.Layer):
+        def __init__(self, views: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.views = views
+
+        def call(self, probabilities: Any) -> Any:
+            classes = probabilities.shape[-1]
+            grouped = ops.reshape(probabilities, (self.views, -1, classes))
+            return ops.mean(ops.cast(grouped, "float32"), axis=0)
+
+        def compute_output_shape(self, input_shape: tuple) -> tuple:
+            return (None, input_shape[-1])
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "views": self.views}
+
+    return {"TestTimeViews": TestTimeViews, "ViewMean": ViewMean}
 
 
 def _training_resize() -> type[keras.layers.Layer]:
