@@ -432,6 +432,25 @@ def test_test_time_augmentation_averages_each_images_views_and_loads_in_a_fresh_
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), averaged, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_saved_with_the_earlier_flip_averaging_still_loads_and_predicts(
+    small_cnn: CnnParams, tmp_path: Path
+) -> None:
+    """Registered models saved before TestTimeViews: the net twice, on the images and on
+    MirrorLeftRight's, into an Average layer."""
+    from imgpipe.models.cnn import custom_layers
+
+    base = CNN.build(RGB_SHAPE, NUM_CLASSES, small_cnn)
+    inputs = keras.Input(shape=RGB_SHAPE, dtype="uint8", name="pixels")
+    mirrored = custom_layers()["MirrorLeftRight"](name="mirror")(inputs)
+    average = layers.Average(name="flip_average", dtype="float32")
+    earlier = keras.Model(inputs, average([base(inputs), base(mirrored)]), name="cnn_flip_tta")
+    CNN.save(earlier, tmp_path / "model.keras")
+    pixels = random_pixels((5, *RGB_SHAPE), seed=6)
+    expected = (base.predict(pixels, verbose=0) + base.predict(pixels[:, :, ::-1], verbose=0)) / 2
+    loaded = CNN.load(tmp_path / "model.keras")
+    np.testing.assert_allclose(CNN.predict_proba(loaded, pixels, 4), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_shift_rounding_to_nothing_still_moves_the_images_by_a_pixel(
     small_cnn: CnnParams,
 ) -> None:
