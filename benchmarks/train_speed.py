@@ -53,6 +53,7 @@ REFERENCE = {
     "dropout": 0.3,
     "augment": {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1, "shift": 0.1, "crop": 0.0},
     "flip_tta": False,
+    "tta_shift": 0.0,
     "ema": 0.0,
     "progressive": {"fraction": 0.0, "scale": 0.5},
     "cutmix": 0.0,
