@@ -361,8 +361,8 @@ class CnnType(KerasModelType):
 
     def inference_model(self, model: keras.Model, params: CnnParams) -> keras.Model:
         """With flip_tta or tta_shift, a model around the trained one that averages its
-        probabilities over each image's views (test_time_views); the trained model otherwise."""
-        views = test_time_views(params)
+        probabilities over each image's views (views_per_image); the trained model otherwise."""
+        views = views_per_image(params)
         if views == 1:
             return model
         import keras
@@ -422,7 +422,7 @@ def _maps_after_stem(side: int, stem: str) -> int:
     return maps // 2 if stem.endswith("_pool") else maps
 
 
-def test_time_views(params: CnnParams) -> int:
+def views_per_image(params: CnnParams) -> int:
     """How many views of each image the saved model averages: the image, with tta_shift four
     shifted copies, and with flip_tta the mirror image of each."""
     return (5 if params.tta_shift else 1) * (2 if params.flip_tta else 1)
