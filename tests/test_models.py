@@ -432,6 +432,28 @@ def test_test_time_augmentation_averages_each_images_views_and_loads_in_a_fresh_
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), averaged, rtol=1e-5, atol=1e-6)
 
 
+def test_prediction_batches_count_views_so_a_forward_pass_holds_as_many_images(
+    small_cnn: CnnParams,
+) -> None:
+    section = cnn_params(small_cnn, flip_tta=True, tta_shift=0.1)  # 10 views
+    tta = CNN.inference_model(CNN.build(RGB_SHAPE, NUM_CLASSES, section), section)
+    pixels = random_pixels((7, *RGB_SHAPE), seed=8)
+    whole = tta.predict(pixels, verbose=0)
+    sizes: list[int] = []
+    predict_on_batch = tta.predict_on_batch
+
+    def counting(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        return predict_on_batch(batch)
+
+    tta.predict_on_batch = counting
+    np.testing.assert_allclose(CNN.predict_proba(tta, pixels, 30), whole, rtol=1e-5, atol=1e-6)
+    assert sizes == [3, 3, 1]  # 30 views a pass: 3 images
+    sizes.clear()
+    CNN.predict_proba(tta, pixels, 4)  # fewer than one image's views: one image a pass
+    assert sizes == [1] * 7
+
+
 def test_a_model_saved_with_the_earlier_flip_averaging_still_loads_and_predicts(
     small_cnn: CnnParams, tmp_path: Path
 ) -> None:

@@ -373,6 +373,13 @@ class CnnType(KerasModelType):
         outputs = made["ViewMean"](views, name="view_mean", dtype="float32")(model(batch))
         return keras.Model(inputs, outputs, name="cnn_tta")
 
+    def predict_proba(self, model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        """Probabilities as KerasModelType's, batch_size counted in views: a model averaging
+        V views of each image gets batch_size // V images at a time (at least one), so that a
+        forward pass holds as many images whatever the test-time views (the server's batches
+        of up to 256 images would otherwise hold 2,560)."""
+        return super().predict_proba(model, pixels, max(batch_size // _views_of(model), 1))
+
     def load(self, path: Path) -> keras.Model:
         """Load a .keras file, flip-averaging and cropping ones included."""
         custom_layers()  # registered before Keras looks the names up
@@ -420,6 +427,14 @@ def _maps_after_stem(side: int, stem: str) -> int:
         stride = int(stem.removeprefix("patch"))
     maps = math.ceil(side / stride)
     return maps // 2 if stem.endswith("_pool") else maps
+
+
+def _views_of(model: keras.Model) -> int:
+    """How many views of each image a saved model puts through the net in one pass: its
+    ViewMean's; 1 for the others (the trained net, or the earlier flip averaging, which made
+    one pass per view)."""
+    layer = next((layer for layer in model.layers if layer.name == "view_mean"), None)
+    return 1 if layer is None else layer.views
 
 
 def views_per_image(params: CnnParams) -> int:
