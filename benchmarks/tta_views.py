@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
+    from imgpipe.models.cnn import views_per_image
     from imgpipe.params import load_params
     from imgpipe.registry import model_type
     from imgpipe.tables import read_table
@@ -84,11 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             scores[split] = float(np.mean(proba.argmax(axis=1) == table.labels))
         speed = len(splits["test"].labels) / seconds
         baseline = baseline or speed
-        views = (5 if shift else 1) * (2 if flip else 1)
         rows.append(
             [
                 f"flip_tta {str(flip).lower()}, tta_shift {shift:g}",
-                str(views),
+                str(views_per_image(section)),
                 f"{scores['val']:.4f}",
                 f"{scores['test']:.4f}",
                 f"{speed:,.0f}",

@@ -146,10 +146,8 @@ class PretrainedParams(Section):
                 )
         return self
 
-    @property
-    def one_hot_targets(self) -> bool:
-        """One-hot targets where labels are smoothed (as KerasParams.one_hot_targets)."""
-        return self.label_smoothing > 0
+    # KerasParams' own rule (its section is not a KerasParams, but has label_smoothing too)
+    one_hot_targets = KerasParams.one_hot_targets
 
     @property
     def epochs(self) -> int:
